@@ -1,0 +1,82 @@
+"""The DSConv quantization scheme: one dataclass owns every knob and validates it.
+
+Defaults (documented in README.md):
+
+* ``bits=4``: weights are 4-bit two's complement integers, clamped to [-8, 7].
+* ``block=32``: one KDS scale per output channel, per block of 32 input channels, per kernel tap.
+* ``mantissa=8``: block-floating-point activations with 8-bit mantissas.
+* ``unsigned_after_relu=True``: when the conv input is known to be >= 0 (it comes straight from a
+  ReLU/Clip(min>=0)) the mantissa is unsigned, i.e. one more bit of precision for free.
+* ``fit="mse"``: KDS scales chosen by a clipping grid search minimising ||W - xi*Q||^2 (the paper's
+  closed-form L2 fit is ``fit="l2"``).
+* ``scale_dtype="float32"``: dtype in which xi is stored in the .so (``float16`` halves their bytes).
+* ``first_layer="keep"``: the conv fed by the raw image stays fp32 (the paper does not BFP-quantize
+  the image; with 1-3 input channels a block holds <= 3 weights per scale, so nothing is saved).
+* ``depthwise="keep"``: depthwise and grouped convs stay fp32 (with groups == channels each block
+  is one channel: one float per weight, no compression).  They are never silently rewritten.
+* ``skip``: layer names (ONNX node names or weight initializer names) that stay fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+BITS_RANGE = (2, 8)
+MANTISSA_RANGE = (2, 8)
+FITS = ("mse", "l2")
+SCALE_DTYPES = ("float32", "float16")
+FIRST_LAYER_POLICIES = ("keep", "dsconv")
+DEPTHWISE_POLICIES = ("keep",)
+
+
+@dataclass(frozen=True)
+class DSConvConfig:
+    bits: int = 4
+    block: int = 32
+    mantissa: int = 8
+    unsigned_after_relu: bool = True
+    fit: str = "mse"
+    scale_dtype: str = "float32"
+    first_layer: str = "keep"
+    depthwise: str = "keep"
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        def _int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+        _int("bits", self.bits)
+        _int("block", self.block)
+        _int("mantissa", self.mantissa)
+        if not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
+            raise ConfigError(f"--bits {self.bits} is out of range: weight bits must be "
+                              f"{BITS_RANGE[0]}..{BITS_RANGE[1]}")
+        if self.block < 1:
+            raise ConfigError(f"--block {self.block} is out of range: the block size must be >= 1")
+        if self.block > 4096:
+            raise ConfigError(f"--block {self.block} is out of range: the block size must be <= 4096")
+        if not MANTISSA_RANGE[0] <= self.mantissa <= MANTISSA_RANGE[1]:
+            raise ConfigError(f"--mantissa {self.mantissa} is out of range: mantissa bits must be "
+                              f"{MANTISSA_RANGE[0]}..{MANTISSA_RANGE[1]}")
+        for name, value, allowed in (("fit", self.fit, FITS),
+                                     ("scale_dtype", self.scale_dtype, SCALE_DTYPES),
+                                     ("first_layer", self.first_layer, FIRST_LAYER_POLICIES),
+                                     ("depthwise", self.depthwise, DEPTHWISE_POLICIES)):
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    @property
+    def packed(self) -> bool:
+        """Two weights per byte (b <= 4); otherwise one int8 per weight."""
+        return self.bits <= 4
+
+    def replace(self, **changes) -> "DSConvConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

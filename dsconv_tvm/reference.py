@@ -1,0 +1,83 @@
+"""The numpy DSConv forward: integer dot products inside blocks (int32), float across blocks.
+
+This is the reference the compiled TensorIR kernels are compared with, and (through
+:func:`reference_session`) the reference for whole ONNX models: ONNX's own reference evaluator runs
+the graph with every converted Conv replaced by :func:`dsconv2d`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bfp import bfp_quantize, block_scales
+from .errors import NumericsError
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, padding (top, left, bottom, right) and dilation of a 2-D convolution."""
+
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def out_size(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+        pt, pl, pb, pr = self.padding
+        oh = (h + pt + pb - self.dilation[0] * (kh - 1) - 1) // self.strides[0] + 1
+        ow = (w + pl + pr - self.dilation[1] * (kw - 1) - 1) // self.strides[1] + 1
+        return oh, ow
+
+
+def _windows(a: np.ndarray, geom: ConvGeometry, kh: int, kw: int, oh: int, ow: int, i: int, j: int):
+    """a[..., i*dh + p*sh, j*dw + q*sw] for all output pixels (p, q) of tap (i, j)."""
+    sh, sw = geom.strides
+    dh, dw = geom.dilation
+    y0, x0 = i * dh, j * dw
+    return a[:, :, y0:y0 + sh * (oh - 1) + 1:sh, x0:x0 + sw * (ow - 1) + 1:sw]
+
+
+def dsconv2d(x: np.ndarray, q: np.ndarray, xi: np.ndarray, block: int, mantissa: int,
+             geom: ConvGeometry = ConvGeometry(), bias: np.ndarray | None = None,
+             unsigned: bool = False) -> np.ndarray:
+    """DSConv forward of an NCHW float input.
+
+    ``q`` int (CO, CI, KH, KW) weights, ``xi`` float32 (CO, G, KH, KW) scales.  The input is
+    BFP-quantized (:func:`dsconv_tvm.bfp.bfp_quantize`), then for every block g and tap (i, j)
+
+        acc = sum_{c in g} Q[co, c, i, j] * M[n, c, p*s + i*d, q*s + j*d]        (exact, int32)
+        Y  += (float32(acc) * xi[co, g, i, j]) * 2^(e[n, g, ...] - f)           (float32)
+
+    then the bias is added.  Returns float32 (N, CO, OH, OW).
+    """
+    if not np.all(np.isfinite(xi)):
+        raise NumericsError("KDS scales contain NaN/Inf")
+    n, c, h, w = x.shape
+    co, ci, kh, kw = q.shape
+    if ci != c:
+        raise NumericsError(f"input has {c} channels but the weight expects {ci}")
+    g = xi.shape[1]
+    m, e = bfp_quantize(x, block, mantissa, unsigned)
+    s = block_scales(e, mantissa, unsigned)
+    pt, pl, pb, pr = geom.padding
+    m = np.pad(m, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    s = np.pad(s, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh, ow = geom.out_size(h, w, kh, kw)
+    qp = np.zeros((co, g * block, kh, kw), np.int64)
+    qp[:, :ci] = q
+    y = np.zeros((n, co, oh, ow), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            mw = _windows(m, geom, kh, kw, oh, ow, i, j).astype(np.int64)   # N, G*B, OH, OW
+            sw = _windows(s, geom, kh, kw, oh, ow, i, j)                     # N, G, OH, OW
+            mb = mw.reshape(n, g, block, oh, ow)
+            wb = qp[:, :, i, j].reshape(co, g, block)
+            acc = np.einsum("ngbpq,ogb->nogpq", mb, wb, optimize=True)      # exact integers
+            assert np.abs(acc).max(initial=0) < 2 ** 31
+            term = (acc.astype(np.float32) * xi[None, :, :, i, j, None, None].astype(np.float32))
+            term = (term * sw[:, None]).astype(np.float32)
+            y += term.sum(axis=2, dtype=np.float32)
+    if bias is not None:
+        y += bias.astype(np.float32)[None, :, None, None]
+    return y
