@@ -30,19 +30,18 @@ def _largest_divisor(n: int, candidates) -> int:
     return 1
 
 
-def _block_names(func: tirx.PrimFunc) -> set[str]:
-    names = set()
-
-    def visit(node):
-        if isinstance(node, tirx.SBlock):
-            names.add(node.name_hint)
-
-    tirx.stmt_functor.post_order_visit(func.body, visit)
-    return names
+def _has_blocks(sch: s_tir.Schedule, names) -> bool:
+    try:
+        for name in names:
+            sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return False
+    return True
 
 
 def is_dsconv(func) -> bool:
-    return isinstance(func, tirx.PrimFunc) and set(DSCONV_BLOCKS) <= _block_names(func)
+    """True for a PrimFunc made by :func:`dsconv_tvm.kernels.dsconv_primfunc`."""
+    return isinstance(func, tirx.PrimFunc) and _has_blocks(s_tir.Schedule(func), DSCONV_BLOCKS)
 
 
 def _vector_lanes(target: Target) -> int:

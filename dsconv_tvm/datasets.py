@@ -1,0 +1,59 @@
+"""Numpy-only reader for the Fashion-MNIST data set (IDX files, gzip-compressed).
+
+The Debian package ``dataset-fashion-mnist`` installs the four files under
+``/usr/share/datasets/fashion-mnist``; the environment variable ``DSCONV_FASHION_MNIST`` overrides it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+from .errors import DSConvError
+
+DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+_PREFIX = {"train": "train", "test": "t10k"}
+_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    """Read one gzip-compressed IDX file and return its uint8 array with the stored shape."""
+    if not os.path.isfile(path):
+        raise DSConvError(f"Fashion-MNIST file {path} is missing; install it with: apt-get install dataset-fashion-mnist")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = magic & 0xFF
+    if len(data) < 4 * (1 + ndim) or int(np.frombuffer(data, dtype=">u4", count=1)[0]) != magic:
+        raise DSConvError(f"{path} is not an IDX file with magic number {magic:#010x}")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 * (1 + ndim))
+    if body.size != int(np.prod(shape)):
+        raise DSConvError(f"{path} holds {body.size} bytes of data, expected {int(np.prod(shape))} for shape {shape}")
+    return body.reshape(shape)
+
+
+def load_fashion_mnist(split: str = "test", root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of Fashion-MNIST.
+
+    Returns ``(images, labels)``: images float32 of shape (N, 1, 28, 28) scaled to [0, 1], labels int64 (N,).
+    ``split`` is ``"train"`` (60 000 images) or ``"test"`` (10 000 images).
+    """
+    if split not in _PREFIX:
+        raise DSConvError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+    root = root or os.environ.get("DSCONV_FASHION_MNIST") or DEFAULT_ROOT
+    prefix = _PREFIX[split]
+    images = _read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), _IMAGES_MAGIC)
+    labels = _read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), _LABELS_MAGIC)
+    if images.shape[0] != labels.shape[0]:
+        raise DSConvError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+    x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+    return x, labels.astype(np.int64)

@@ -1,0 +1,206 @@
+"""ONNX in: load and check a model, fold BatchNorm into its convs, fix input shapes, import to Relax.
+
+Everything the user can get wrong about the model is reported here as one :class:`ModelError`
+sentence naming the file, the node or the input, before TVM sees the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ModelError
+from .weights import fold_batchnorm
+
+
+@dataclass
+class LoadedModel:
+    path: str
+    model: object                        # the (BN-folded) onnx.ModelProto
+    input_shapes: dict[str, list[int]]   # every graph input, static
+    input_dtypes: dict[str, str]
+    conv_names: list[str]                # Conv node names in graph order
+    folded_bn: list[str]                 # names of BatchNormalization nodes folded into convs
+
+
+def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
+    """Parse ``"input:[1,1,28,28] other:[1,3]"`` (tvmc's syntax) into a dict."""
+    if not text:
+        return {}
+    out = {}
+    for m in re.finditer(r"\s*([^:\s,]+)\s*:\s*\[([^\]]*)\]\s*,?", text):
+        name, dims = m.group(1), m.group(2)
+        try:
+            out[name] = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError as exc:
+            raise ModelError(f"--input-shapes: cannot read the dimensions of {name!r}: [{dims}]") from exc
+    rest = re.sub(r"\s*([^:\s,]+)\s*:\s*\[([^\]]*)\]\s*,?", "", text).strip()
+    if rest or not out:
+        raise ModelError(f"--input-shapes {text!r} is not of the form 'name:[d0,d1,...] name2:[...]'")
+    for name, dims in out.items():
+        if any(d <= 0 for d in dims):
+            raise ModelError(f"--input-shapes: dimensions of {name!r} must be positive, got {dims}")
+    return out
+
+
+def _supported_ops() -> set[str]:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return set(onnx_frontend._get_convert_map().keys())
+
+
+def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch: int = 1) -> LoadedModel:
+    """Load, check and prepare an ONNX model.  Symbolic input dimensions default to ``batch``
+    for the first axis; other symbolic dimensions must be given in ``input_shapes``."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelError(f"{path}: is a directory, not an ONNX model")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except Exception as exc:  # DecodeError, OSError, ... from protobuf
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})".strip()) from exc
+    if not model.graph.node and not model.graph.input:
+        raise ModelError(f"{path}: not an ONNX model (no graph nodes or inputs)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelError(f"{path}: invalid ONNX model: {str(exc).splitlines()[0]}") from exc
+
+    supported = _supported_ops()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ModelError(f"{path}: unsupported operator '{node.domain}.{node.op_type}' "
+                             f"(node '{node.name or node.output[0]}')")
+        if node.op_type not in supported:
+            raise ModelError(f"{path}: unsupported operator '{node.op_type}' "
+                             f"(node '{node.name or node.output[0]}')")
+
+    model = copy.deepcopy(model)
+    folded = fold_conv_batchnorm(model)
+    _name_nodes(model)
+
+    inits = {i.name for i in model.graph.initializer}
+    shapes, dtypes = {}, {}
+    given = dict(input_shapes or {})
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    known = [i.name for i in graph_inputs]
+    for name in given:
+        if name not in known:
+            raise ModelError(f"{path}: --input-shapes names input {name!r}, but the model's inputs are "
+                             f"{', '.join(known)}")
+    for inp in graph_inputs:
+        tt = inp.type.tensor_type
+        dtypes[inp.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        dims = [(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")) for d in tt.shape.dim]
+        if inp.name in given:
+            want = given[inp.name]
+            if len(want) != len(dims):
+                raise ModelError(f"{path}: input {inp.name!r} has rank {len(dims)} {dims}, but "
+                                 f"--input-shapes gives rank {len(want)} {want}")
+            for axis, (d, w) in enumerate(zip(dims, want)):
+                if isinstance(d, int) and d > 0 and d != w:
+                    raise ModelError(f"{path}: input {inp.name!r} has shape {dims}; --input-shapes "
+                                     f"{want} does not fit (axis {axis}: {w} != {d})")
+            shapes[inp.name] = list(want)
+        else:
+            fixed = []
+            for axis, d in enumerate(dims):
+                if isinstance(d, int) and d > 0:
+                    fixed.append(d)
+                elif axis == 0:
+                    fixed.append(batch)
+                else:
+                    raise ModelError(f"{path}: input {inp.name!r} has a symbolic dimension {d!r} at axis "
+                                     f"{axis}; give it with --input-shapes \"{inp.name}:[...]\"")
+            shapes[inp.name] = fixed
+    conv_names = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    del numpy_helper
+    return LoadedModel(path, model, shapes, dtypes, conv_names, folded)
+
+
+def _name_nodes(model) -> None:
+    """Give unnamed nodes stable names (op type + index) so layers can be referred to."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def fold_conv_batchnorm(model) -> list[str]:
+    """Fold every BatchNormalization that is the only consumer of a Conv with constant weights
+    into that Conv (exactly: W' = W * a, b' = (b - mean) * a + beta).  Edits ``model`` in place."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    folded, remove = [], []
+    for node in list(graph.node):
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "BatchNormalization" or node.output[0] in outputs:
+            continue
+        bn = users[0]
+        if len(bn.output) > 1 and any(bn.output[1:]):
+            continue                                 # training-mode BN
+        if not all(n in inits for n in bn.input[1:5]):
+            continue
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]) for n in bn.input[1:5])
+        w = numpy_helper.to_array(inits[node.input[1]])
+        b = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        w2, b2 = fold_batchnorm(w, b, gamma, beta, mean, var, eps)
+        wname, bname = f"{node.name or node.output[0]}_W_bnfolded", f"{node.name or node.output[0]}_B_bnfolded"
+        graph.initializer.extend([numpy_helper.from_array(w2.astype(np.float32), wname),
+                                  numpy_helper.from_array(b2.astype(np.float32), bname)])
+        new_inputs = [node.input[0], wname, bname]
+        del node.input[:]
+        node.input.extend(new_inputs)
+        node.output[0] = bn.output[0]
+        remove.append(bn)
+        folded.append(bn.name or bn.output[0])
+    for bn in remove:
+        graph.node.remove(bn)
+    # drop initializers nobody reads any more (the unfolded weights, BN statistics)
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del helper
+    return folded
+
+
+def to_relax(loaded: LoadedModel):
+    """Import the prepared ONNX model into a Relax IRModule with constant weights, BN decomposed
+    and constants folded (the form ``DSConvRewrite`` expects)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        mod = from_onnx(loaded.model, shape_dict=loaded.input_shapes, dtype_dict=loaded.input_dtypes)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        raise ModelError(f"{loaded.path}: TVM cannot import the model with input shapes "
+                         f"{loaded.input_shapes}: {msg[-1] if msg else type(exc).__name__}") from exc
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    return mod

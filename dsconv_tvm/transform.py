@@ -1,0 +1,300 @@
+"""The Relax pass that rewrites conv2d into DSConv: ``DSConvRewrite(config)``.
+
+It is an ordinary ``tvm.transform.Pass`` (a module pass) and can sit in any Relax pipeline after
+the model is imported and constants are folded.  For every ``R.nn.conv2d`` with a constant weight
+(NCHW / OIHW, groups = 1, static shapes, float32) it
+
+* quantizes the weight (VQK + KDS, :mod:`dsconv_tvm.weights`) and packs it (two 4-bit values a byte),
+* absorbs a following per-channel bias ``add`` and a ``relu`` when the conv output has no other user,
+* emits one ``R.call_tir`` to a DSConv PrimFunc (:mod:`dsconv_tvm.kernels`) that quantizes the input
+  to block floating point at run time, does the int32 block dot products and the float scaling.
+
+Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
+The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
+ReLU, possibly through pooling/reshapes) and ``config.unsigned_after_relu`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .config import DSConvConfig
+from .kernels import DSConvLayer, dsconv_primfunc, pack_scales, pack_weights
+from .reference import ConvGeometry
+from .weights import quantize_weight, weight_sqnr_db
+
+
+@dataclass
+class LayerReport:
+    """What happened to one conv2d of the model."""
+
+    name: str
+    converted: bool
+    reason: str                       # why it was kept (empty when converted)
+    weight_shape: tuple[int, ...]
+    in_shape: tuple[int, ...] = ()
+    fp32_bytes: int = 0
+    deployed_bytes: int = 0
+    sqnr_db: float = float("nan")
+    unsigned: bool = False
+    fused: tuple[str, ...] = ()
+    geom: ConvGeometry | None = None
+    quantized: object = None          # the QuantizedWeight (for references), when converted
+    bias: np.ndarray | None = None
+    activation: str = "none"
+
+
+@dataclass
+class ConversionReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def kept(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.converted]
+
+
+_NONNEG_PASSTHROUGH = {
+    "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean",
+    "relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+    "relax.nn.pad", "relax.strided_slice",
+}
+
+
+def _const_value(expr, bindings) -> np.ndarray | None:
+    seen = 0
+    while isinstance(expr, relax.Var) and expr in bindings and seen < 8:
+        expr, seen = bindings[expr], seen + 1
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_call(expr, op_name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name
+
+
+def _nonneg_vars(func: relax.Function, bindings: dict) -> set:
+    """Vars whose values are provably >= 0 (ReLU outputs and what only moves/pools them)."""
+    nonneg = set()
+    for var, value in bindings.items():
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            continue
+        name = value.op.name
+        args = list(value.args)
+        if name == "relax.nn.relu":
+            nonneg.add(var)
+        elif name == "relax.clip":
+            lo = _const_value(args[1], bindings) if len(args) > 1 else None
+            if lo is not None and float(np.min(lo)) >= 0:
+                nonneg.add(var)
+        elif name in _NONNEG_PASSTHROUGH and args and args[0] in nonneg:
+            nonneg.add(var)
+        elif name in ("relax.add", "relax.maximum", "relax.multiply") and all(
+                a in nonneg or (_const_value(a, bindings) is not None
+                                and float(np.min(_const_value(a, bindings))) >= 0) for a in args):
+            nonneg.add(var)
+        elif name == "relax.concat" and isinstance(args[0], relax.Tuple) and all(
+                f in nonneg for f in args[0].fields):
+            nonneg.add(var)
+    return nonneg
+
+
+def _padding4(pad) -> tuple[int, int, int, int]:
+    p = [int(v) for v in pad]
+    if len(p) == 1:
+        p = p * 4
+    elif len(p) == 2:
+        p = [p[0], p[1], p[0], p[1]]
+    return p[0], p[1], p[2], p[3]
+
+
+@tvm.transform.module_pass(opt_level=0, name="DSConvRewrite")
+class DSConvRewrite:
+    """Rewrite every eligible constant-weight conv2d of every Relax function into DSConv.
+
+    ``layer_names`` optionally names the conv2d calls in binding order (the ONNX frontend passes
+    the ONNX node names); otherwise they are called ``conv0``, ``conv1``, ...  After the pass has run,
+    ``self.report`` is a :class:`ConversionReport`.
+    """
+
+    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None):
+        self.config = config or DSConvConfig()
+        self.layer_names = list(layer_names) if layer_names else None
+        self.report = ConversionReport()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.report = ConversionReport()
+        bb = relax.BlockBuilder(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                bb.update_func(gv, self._rewrite_function(bb, func))
+        return bb.get()
+
+    # -- analysis ---------------------------------------------------------------------------
+    def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+        bindings, uses, order = {}, {}, []
+
+        def count(expr):
+            if isinstance(expr, relax.Var):
+                uses[expr] = uses.get(expr, 0) + 1
+
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if isinstance(binding, relax.VarBinding):
+                    bindings[binding.var] = binding.value
+                    order.append(binding.var)
+                    relax.analysis.post_order_visit(binding.value, count)
+        relax.analysis.post_order_visit(func.body.body, count)
+        nonneg = _nonneg_vars(func, bindings)
+
+        plans = {}            # final var of a chain -> new expression
+        dropped = set()       # intermediate vars absorbed into a chain
+        conv_index = 0
+        for var in order:
+            value = bindings[var]
+            if not _is_call(value, "relax.nn.conv2d"):
+                continue
+            name = (self.layer_names[conv_index] if self.layer_names and conv_index < len(self.layer_names)
+                    else f"conv{conv_index}")
+            first = conv_index == 0
+            conv_index += 1
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, nonneg, first)
+            if plan is None:
+                continue
+            end_var, new_expr, absorbed = plan
+            plans[end_var] = new_expr
+            dropped.update(absorbed)
+
+        if not plans:
+            return func
+        mutator = _Replace(plans, dropped)
+        return mutator.visit_expr(func)
+
+    def _plan_conv(self, bb, name, var, call, bindings, uses, nonneg, first):
+        cfg = self.config
+        attrs = call.attrs
+        data, weight = call.args[0], call.args[1]
+        w = _const_value(weight, bindings)
+        in_shape = _static_shape(data)
+        wshape = tuple(w.shape) if w is not None else tuple(_static_shape(weight) or ())
+
+        def keep(reason):
+            self.report.layers.append(LayerReport(name, False, reason, wshape, in_shape or (),
+                                                  fp32_bytes=4 * int(np.prod(wshape or (0,))),
+                                                  deployed_bytes=4 * int(np.prod(wshape or (0,)))))
+            return None
+
+        groups = int(attrs.groups)
+        if name in cfg.skip:
+            return keep("skipped by --skip")
+        if w is None:
+            return keep("weight is not a constant")
+        if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or \
+                (attrs.out_layout and attrs.out_layout != "NCHW"):
+            return keep(f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)")
+        if in_shape is None or len(in_shape) != 4:
+            return keep("input shape is not static 4-D")
+        if groups != 1:
+            if groups == in_shape[1]:
+                return keep(f"depthwise conv (groups={groups}); policy depthwise={cfg.depthwise}")
+            return keep(f"grouped conv (groups={groups}) is kept in float")
+        if str(data.ty.dtype) != "float32" or w.dtype != np.float32:
+            return keep(f"dtype {data.ty.dtype} (only float32)")
+        if first and cfg.first_layer == "keep":
+            return keep("first layer (input image); policy first_layer=keep")
+
+        # absorb bias add and relu when this conv feeds only them
+        end, absorbed, fused = var, [], []
+        bias = None
+        co = int(w.shape[0])
+        nxt = _single_user(end, bindings, uses)
+        if nxt is not None and _is_call(bindings[nxt], "relax.add"):
+            a, b = bindings[nxt].args
+            other = b if a.same_as(end) else a
+            bval = _const_value(other, bindings)
+            if bval is not None and bval.size == co and bval.ndim >= 1 and \
+                    _static_shape(nxt) == _static_shape(end) and \
+                    (bval.ndim == 1 or bval.shape[-2:] == (1, 1)) and bval.ndim <= 4:
+                bias = bval.reshape(co).astype(np.float32)
+                absorbed.append(end)
+                end = nxt
+                fused.append("bias")
+                nxt = _single_user(end, bindings, uses)
+        activation = "none"
+        if nxt is not None and _is_call(bindings[nxt], "relax.nn.relu"):
+            absorbed.append(end)
+            end = nxt
+            activation = "relu"
+            fused.append("relu")
+
+        strides = tuple(int(s) for s in attrs.strides)
+        dilation = tuple(int(d) for d in attrs.dilation)
+        geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
+        unsigned = cfg.unsigned_after_relu and data in nonneg
+        qw = quantize_weight(w, cfg.bits, cfg.block, cfg.fit, cfg.scale_dtype)
+        layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
+                            cfg.bits, cfg.block, cfg.mantissa, unsigned, cfg.scale_dtype,
+                            bias is not None, activation)
+        wp = pack_weights(qw.q, cfg.bits, cfg.block)
+        xi = pack_scales(qw.xi, cfg.scale_dtype)
+        gv = bb.add_func(dsconv_primfunc(layer), f"dsconv_{_ident(name)}")
+        args = [data, relax.const(wp), relax.const(xi)]
+        if bias is not None:
+            args.append(relax.const(bias))
+        new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
+        deployed = int(wp.nbytes + xi.nbytes + (0 if bias is None else 0))
+        self.report.layers.append(LayerReport(
+            name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
+            deployed_bytes=deployed, sqnr_db=weight_sqnr_db(w, qw.dequantize()), unsigned=unsigned,
+            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation))
+        return end, new, absorbed
+
+
+def _single_user(var, bindings, uses):
+    """The var bound to the only expression that uses ``var`` (None if several users or an output)."""
+    if uses.get(var, 0) != 1:
+        return None
+    for other, value in bindings.items():
+        if isinstance(value, relax.Call) and any(a.same_as(var) for a in value.args):
+            return other
+    return None
+
+
+def _ident(name: str) -> str:
+    out = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+    return out or "layer"
+
+
+@relax.expr_functor.mutator
+class _Replace(relax.PyExprMutator):
+    def __init__(self, plans, dropped):
+        super().__init__()
+        self.plans = plans
+        self.dropped = dropped
+
+    def visit_var_binding_(self, binding):
+        if binding.var in self.dropped:
+            return
+        if binding.var in self.plans:
+            new_value = self.visit_expr(self.plans[binding.var])
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, new_value))
+            return
+        super().visit_var_binding_(binding)
