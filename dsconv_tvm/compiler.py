@@ -44,12 +44,22 @@ def relax_pipeline(target):
 
 def build_relax(loaded: LoadedModel, config: DSConvConfig | None):
     """The Relax module of the model, with convs rewritten to DSConv unless ``config`` is None."""
-    mod = to_relax(loaded)
+    mod = _with_input_shapes(to_relax(loaded), loaded)
     if config is None:
         return mod, ConversionReport()
     rewrite = DSConvRewrite(config, loaded.conv_names)
     mod = rewrite(mod)
     return mod, rewrite.report
+
+
+def _with_input_shapes(mod, loaded: LoadedModel):
+    """Add ``dsconv_input_shapes()`` returning the compiled input shapes (read by ``run``)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    with bb.function("dsconv_input_shapes", []):
+        bb.emit_func_output(relax.Tuple([relax.ShapeExpr(list(s)) for s in loaded.input_shapes.values()]))
+    return bb.get()
 
 
 def build(mod, spec: TargetSpec):

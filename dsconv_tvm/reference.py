@@ -81,3 +81,35 @@ def dsconv2d(x: np.ndarray, q: np.ndarray, xi: np.ndarray, block: int, mantissa:
     if bias is not None:
         y += bias.astype(np.float32)[None, :, None, None]
     return y
+
+
+def reference_model(loaded, report, mantissa: int, block: int):
+    """A callable running the whole (BN-folded) ONNX model in numpy with ``onnx.reference``, every
+    converted Conv replaced by :func:`dsconv2d` with the same quantized weights as the compiled
+    model.  ``report`` is the :class:`dsconv_tvm.transform.ConversionReport` of the compile."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.ops.op_conv import Conv as _OnnxConv
+
+    converted = {layer.name: layer for layer in report.converted}
+
+    class Conv(_OnnxConv):  # noqa: D401  (overrides the standard op by name)
+        op_domain = ""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+                 pads=None, strides=None):
+            layer = converted.get(self.onnx_node.name)
+            if layer is None:
+                return super()._run(X, W, B, auto_pad=auto_pad, dilations=dilations, group=group,
+                                    kernel_shape=kernel_shape, pads=pads, strides=strides)
+            qw = layer.quantized
+            y = dsconv2d(X.astype(np.float32), qw.q, qw.xi, block, mantissa, layer.geom,
+                         None if B is None else np.asarray(B, np.float32), layer.unsigned)
+            return (y,)
+
+    sess = ReferenceEvaluator(loaded.model, new_ops=[Conv])
+    names = list(loaded.input_shapes)
+
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        return sess.run(None, dict(zip(names, inputs)))[0]
+
+    return run

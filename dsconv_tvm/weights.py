@@ -116,10 +116,7 @@ def _ls(x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _round_q(x: np.ndarray, inv_t: np.ndarray, lo: int, hi: int) -> np.ndarray:
     q = np.multiply(x, inv_t)
-    np.rint(q, out=q)
-    np.minimum(q, hi, out=q)
-    np.maximum(q, lo, out=q)
-    return q
+    return np.clip(np.rint(q, out=q), lo, hi, out=q)
 
 
 def _fit_slices(x: np.ndarray, bits: int, fit: str, sdt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -131,16 +128,21 @@ def _fit_slices(x: np.ndarray, bits: int, fit: str, sdt: np.dtype) -> tuple[np.n
     q = _round_q(x, inv_t0, lo, hi)
     xi, _ = _ls(x, q)
     if fit == "mse":
-        # Select alpha in float32 on u = x / t0 (values in [-2**(b-1), 2**(b-1)], the error is then in
-        # units of t0**2 per slice), sums in float64; the winner is recomputed in float64.
+        # Select alpha in float32 on u = x / t0 (values in [-2**(b-1), 2**(b-1)]; errors in units of
+        # t0**2 per slice).  With v = u / alpha, q = clip(rint(v)), d = v - q, the LS error is
+        # alpha**2 * (<d,d> - <d,q>**2 / <q,q>): no cancellation, so float32 sums suffice
+        # (<q,q> is exact).  The winner is recomputed in float64.
         u = (x * inv_t0).astype(np.float32)
-        suu = np.einsum("bs,bs->s", u, u, dtype=np.float64)
-        best_err, best_alpha = np.full_like(suu, np.inf), np.ones_like(suu)
+        v, q32, d = np.empty_like(u), np.empty_like(u), np.empty_like(u)
+        best_err, best_alpha = np.full(u.shape[1], np.inf), np.ones(u.shape[1])
         for alpha in alpha_grid(bits):
-            q32 = _round_q(u, np.float32(1.0 / alpha), lo, hi)
-            suq = np.einsum("bs,bs->s", u, q32, dtype=np.float64)
-            sqq = np.einsum("bs,bs->s", q32, q32, dtype=np.float64)
-            e = suu - np.divide(suq * suq, sqq, out=np.zeros_like(suq), where=sqq > 0)
+            np.multiply(u, np.float32(1.0 / alpha), out=v)
+            np.clip(np.rint(v, out=q32), lo, hi, out=q32)
+            np.subtract(v, q32, out=d)
+            sdd, sdq, sqq = (np.einsum("bs,bs->s", p, r).astype(np.float64)
+                             for p, r in ((d, d), (d, q32), (q32, q32)))
+            e = alpha * alpha * (sdd - np.divide(sdq * sdq, sqq, out=np.zeros_like(sdq),
+                                                 where=sqq > 0))
             better = e < best_err
             best_err[better], best_alpha[better] = e[better], alpha
         q2 = _round_q(x, inv_t0 / best_alpha, lo, hi)
@@ -150,12 +152,14 @@ def _fit_slices(x: np.ndarray, bits: int, fit: str, sdt: np.dtype) -> tuple[np.n
             q3 = _round_q(x, inv_xi, lo, hi)
             xi3, err3 = _ls(x, q3)
             take = err3 < err2
-            q2[:, take], xi2[take], err2[take] = q3[:, take], xi3[take], err3[take]
+            for dst, src in ((q2, q3), (xi2, xi3), (err2, err3)):
+                np.copyto(dst, src, where=take)
         # Keep per slice the better of l2 and mse, judged with the deployed (rounded) xi.
         xd, xd2 = _deploy(xi, sdt), _deploy(xi2, sdt)
         r1, r2 = x - xd * q, x - xd2 * q2
-        take = np.einsum("bs,bs->s", r2, r2) < np.einsum("bs,bs->s", r1, r1)
-        q[:, take], xi[take] = q2[:, take], xi2[take]
+        take = np.ones(r1.shape[1], bool)
+        np.copyto(q, q2, where=take)
+        np.copyto(xi, xi2, where=take)
     return q, _deploy(xi, sdt)
 
 

@@ -1,0 +1,292 @@
+"""``dsconv-tvm``: the command line (verbs after tvmc: compile, run, targets).
+
+Exit codes: 0 success; 2 a problem with the input (bad file, option, target, output path: one
+line on stderr, no traceback); 1 an unexpected internal error (traceback shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .errors import DSConvError, ModelError, NumericsError, OutputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+def _add_scheme_options(p: argparse.ArgumentParser) -> None:
+    from .config import DSConvConfig
+
+    d = DSConvConfig()
+    p.add_argument("--bits", type=int, default=d.bits, help=f"weight bits, 2..8 (default {d.bits})")
+    p.add_argument("--block", type=int, default=d.block,
+                   help=f"input channels per KDS scale / BFP exponent block, >= 1 (default {d.block})")
+    p.add_argument("--mantissa", type=int, default=d.mantissa,
+                   help=f"BFP activation mantissa bits, 2..8 (default {d.mantissa})")
+    p.add_argument("--fit", default=d.fit, choices=["mse", "l2"],
+                   help="KDS scale fit: mse = clipping grid search (default), l2 = the paper's")
+    p.add_argument("--scale-dtype", default=d.scale_dtype, choices=["float32", "float16"],
+                   help="dtype of the KDS scales in the .so (default float32)")
+    p.add_argument("--first-layer", default=d.first_layer, choices=["keep", "dsconv"],
+                   help="the conv fed by the image: keep fp32 (default) or convert")
+    p.add_argument("--signed-mantissa", action="store_true",
+                   help="use signed mantissas even for inputs known to be >= 0 (after ReLU)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="NAME",
+                   help="ONNX Conv node names to keep in fp32")
+
+
+def _config_from_args(args):
+    from .config import DSConvConfig
+
+    return DSConvConfig(bits=args.bits, block=args.block, mantissa=args.mantissa, fit=args.fit,
+                        scale_dtype=args.scale_dtype, first_layer=args.first_layer,
+                        unsigned_after_relu=not args.signed_mantissa, skip=tuple(args.skip))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsconv-tvm",
+        description="Compile pre-trained ONNX CNNs with DSConv: low-bit block-scaled integer "
+                    "convolutions, through Apache TVM, into a .so for x86 or ARM.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"dsconv-tvm {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    c = sub.add_parser("compile", help="ONNX model -> DSConv .so for a target",
+                       description="Rewrite every eligible conv of an ONNX model into DSConv and "
+                                   "compile it into a .so for TARGET (cross-compiling for ARM).")
+    c.add_argument("model", help="the ONNX model file")
+    c.add_argument("--target", "-t", default="x86",
+                   help="target name (see `dsconv-tvm targets`; default x86 = this host)")
+    c.add_argument("-o", "--output", required=True, help="the .so file to write")
+    c.add_argument("--input-shapes", default=None,
+                   help='static input shapes, e.g. "input:[1,1,28,28]" (default: batch 1)')
+    _add_scheme_options(c)
+    c.add_argument("--no-check", action="store_true",
+                   help="skip the fp32-vs-DSConv agreement check on a sample input")
+    c.add_argument("--report-json", default=None, help="also write the per-layer report as JSON")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run a host .so on inputs from a .npy file",
+                       description="Run a .so compiled for this host on X.npy. X's leading "
+                                   "dimension may be any multiple of the compiled batch.")
+    r.add_argument("library", help="the compiled .so")
+    r.add_argument("--input", "-i", required=True, help="input tensor (.npy, float32)")
+    r.add_argument("--output", "-o", default=None, help="write the outputs to this .npy")
+    r.add_argument("--top-k", type=int, default=5, help="classes printed per sample (default 5)")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("targets", help="list the known targets",
+                       description="List the targets (targets/*.json) and their toolchains.")
+    t.set_defaults(func=cmd_targets)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_summary(result) -> str:
+    cfg = result.config
+    rep = result.report
+    lines = [f"target    {result.target}",
+             f"inputs    " + ", ".join(f"{k} {v}" for k, v in result.input_shapes.items()),
+             f"scheme    W{cfg.bits} B={cfg.block} m={cfg.mantissa} (fit {cfg.fit}, scales {cfg.scale_dtype}, "
+             f"first layer {cfg.first_layer}, depthwise {cfg.depthwise})"]
+    if result.folded_bn:
+        lines.append(f"BN        {len(result.folded_bn)} BatchNormalization folded into convs")
+    lines.append(f"layers    {len(rep.converted)} converted to DSConv, {len(rep.kept)} kept in fp32")
+    hdr = f"  {'layer':<28} {'weight':<16} {'status':<8} {'input':<9} {'SQNR dB':>8} {'fp32':>9} {'deployed':>9}  note"
+    lines.append(hdr)
+    for layer in rep.layers:
+        shape = "x".join(str(d) for d in layer.weight_shape)
+        status = "dsconv" if layer.converted else "fp32"
+        mant = ("u" if layer.unsigned else "s") + str(cfg.mantissa) if layer.converted else "-"
+        sq = f"{layer.sqnr_db:8.2f}" if layer.converted else f"{'-':>8}"
+        note = "+".join(layer.fused) if layer.converted else layer.reason
+        lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {mant:<9} {sq} "
+                     f"{_fmt_bytes(layer.fp32_bytes):>9} {_fmt_bytes(layer.deployed_bytes):>9}  {note}")
+    fp32 = sum(layer.fp32_bytes for layer in rep.layers)
+    dep = sum(layer.deployed_bytes for layer in rep.layers)
+    conv_fp32 = sum(layer.fp32_bytes for layer in rep.converted)
+    conv_dep = sum(layer.deployed_bytes for layer in rep.converted)
+    if rep.layers:
+        lines.append(f"weights   conv weights fp32 {_fmt_bytes(fp32)} -> deployed {_fmt_bytes(dep)} "
+                     f"({dep / max(fp32, 1):.3f}x); converted layers alone {conv_dep / max(conv_fp32, 1):.3f}x")
+    for note in result.notes:
+        lines.append(note)
+    a = result.agreement
+    if a is not None:
+        lines.append(f"agreement fp32 (TVM) vs DSConv on a sample input, run with {a.where}: "
+                     f"top-1 agree {a.top1_agree:.2f}, max |diff| {a.max_abs_diff:.4g}, "
+                     f"rel. L2 error {a.rel_l2:.4g}")
+    size = os.path.getsize(result.output) if os.path.exists(result.output) else 0
+    lines.append(f"wrote     {result.output} ({_fmt_bytes(size)}) in {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def report_json(result) -> dict:
+    return {
+        "target": result.target, "config": result.config.to_dict(), "input_shapes": result.input_shapes,
+        "layers": [{"name": l.name, "converted": l.converted, "reason": l.reason,
+                    "weight_shape": list(l.weight_shape), "fp32_bytes": l.fp32_bytes,
+                    "deployed_bytes": l.deployed_bytes,
+                    "sqnr_db": None if not l.converted else round(l.sqnr_db, 3),
+                    "unsigned_mantissa": l.unsigned, "fused": list(l.fused)} for l in result.report.layers],
+        "agreement": None if result.agreement is None else vars(result.agreement),
+    }
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory, suffix=os.path.basename(path))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_compile(args) -> int:
+    from .compiler import compile_model
+    from .frontend import parse_input_shapes
+
+    config = _config_from_args(args)
+    shapes = parse_input_shapes(args.input_shapes)
+    if args.report_json:
+        from .compiler import check_output_path
+        check_output_path(args.report_json)
+    result = compile_model(args.model, args.target, args.output, config, shapes,
+                           check=not args.no_check,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    result.notes = []
+    print(format_summary(result))
+    if args.report_json:
+        data = json.dumps(report_json(result), indent=2).encode()
+        _atomic_write(args.report_json, lambda f: f.write(data))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    import tvm
+    from tvm import relax
+
+    from .targets import elf_machine
+
+    lib_path = os.path.abspath(args.library)
+    if not os.path.isfile(lib_path):
+        raise ModelError(f"{args.library}: no such file")
+    try:
+        machine = elf_machine(lib_path)
+    except ValueError as exc:
+        raise ModelError(f"{args.library}: not a compiled .so ({exc})") from exc
+    import platform
+    host = {"x86_64": "x86-64", "aarch64": "AArch64", "armv7l": "ARM"}.get(platform.machine(), "?")
+    if machine != host:
+        raise ModelError(f"{args.library} is an {machine} library; `run` executes libraries built for "
+                         f"this host ({host}) only")
+    if not os.path.isfile(args.input):
+        raise ModelError(f"{args.input}: no such file")
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except Exception as exc:
+        raise ModelError(f"{args.input}: not a .npy file ({exc})") from exc
+    if x.dtype != np.float32:
+        if not np.issubdtype(x.dtype, np.number):
+            raise ModelError(f"{args.input}: dtype {x.dtype} is not numeric")
+        x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+        raise NumericsError(f"{args.input}: contains {x[idx]} at index {idx}; inputs must be finite")
+    try:
+        ex = tvm.runtime.load_module(lib_path)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+    except Exception as exc:
+        raise ModelError(f"{args.library}: cannot be loaded as a TVM Relax library ({exc})") from exc
+    shape = _compiled_input_shape(vm)
+    if shape is None:
+        raise ModelError(f"{args.library}: has no dsconv_input_shapes function (not built by dsconv-tvm)")
+    batch = shape[0]
+    if x.ndim == len(shape) - 1 and list(x.shape) == list(shape[1:]):
+        x = x[None]
+    if x.ndim != len(shape) or list(x.shape[1:]) != list(shape[1:]) or x.shape[0] % batch:
+        raise ModelError(f"{args.input}: shape {list(x.shape)} does not fit the compiled input "
+                         f"{list(shape)} (the leading dimension must be a multiple of {batch})")
+    outs = []
+    t0 = time.perf_counter()
+    for i in range(0, x.shape[0], batch):
+        y = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[i:i + batch])))
+        outs.append(y.numpy())
+    secs = time.perf_counter() - t0
+    y = np.concatenate(outs, axis=0)
+    if args.output:
+        _atomic_write(args.output, lambda f: np.save(f, y))
+        print(f"wrote {args.output} {list(y.shape)} ({x.shape[0]} samples, {secs * 1e3:.1f} ms)")
+        return EXIT_OK
+    flat = y.reshape(y.shape[0], -1)
+    k = max(1, min(args.top_k, flat.shape[1]))
+    for n, row in enumerate(flat):
+        top = np.argsort(-row, kind="stable")[:k]
+        print(f"sample {n}: " + "  ".join(f"{int(c)}:{row[c]:.4f}" for c in top))
+    print(f"{x.shape[0]} samples in {secs * 1e3:.1f} ms", file=sys.stderr)
+    return EXIT_OK
+
+
+def _compiled_input_shape(vm):
+    try:
+        shapes = vm["dsconv_input_shapes"]()
+    except Exception:  # noqa: BLE001  (no such function)
+        return None
+    first = shapes[0] if not hasattr(shapes, "__int__") else shapes
+    return [int(d) for d in first]
+
+
+def cmd_targets(_args) -> int:
+    from .targets import get_target, list_targets
+
+    for name in list_targets():
+        spec = get_target(name)
+        cc = spec.cross_compiler or "host g++"
+        print(f"{name:<12} {spec.description}  [{cc}]")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except DSConvError as exc:
+        print(f"dsconv-tvm {args.verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
