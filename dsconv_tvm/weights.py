@@ -157,7 +157,7 @@ def _fit_slices(x: np.ndarray, bits: int, fit: str, sdt: np.dtype) -> tuple[np.n
         # Keep per slice the better of l2 and mse, judged with the deployed (rounded) xi.
         xd, xd2 = _deploy(xi, sdt), _deploy(xi2, sdt)
         r1, r2 = x - xd * q, x - xd2 * q2
-        take = np.ones(r1.shape[1], bool)
+        take = np.einsum("bs,bs->s", r2, r2) < np.einsum("bs,bs->s", r1, r1)
         np.copyto(q, q2, where=take)
         np.copyto(xi, xi2, where=take)
     return q, _deploy(xi, sdt)
