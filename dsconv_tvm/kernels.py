@@ -230,7 +230,8 @@ def dsconv_primfunc(layer: DSConvLayer):
         raise ValueError(f"unsupported activation {layer.activation!r}")
     inputs, y = dsconv_te(layer)
     func = te.create_prim_func([*inputs, y]).without_attr("global_symbol")
-    return func.with_attr("dsconv.layer", _layer_attr(layer))
+    # op_pattern 8 = kOpaque: FuseOps leaves the call alone, the layer's own epilogue does bias/ReLU
+    return func.with_attr("dsconv.layer", _layer_attr(layer)).with_attr("op_pattern", 8)
 
 
 def _layer_attr(layer: DSConvLayer) -> str:
