@@ -152,6 +152,8 @@ def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a directory")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory, suffix=os.path.basename(path))
     except OSError as exc:
@@ -160,9 +162,11 @@ def _atomic_write(path: str, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -197,6 +201,9 @@ def cmd_run(args) -> int:
     lib_path = os.path.abspath(args.library)
     if not os.path.isfile(lib_path):
         raise ModelError(f"{args.library}: no such file")
+    if args.output:
+        from .compiler import check_output_path
+        check_output_path(args.output)          # fail before running, not after
     try:
         machine = elf_machine(lib_path)
     except ValueError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import DSConvConfig
-from .errors import OutputError
+from .errors import ModelError, OutputError
 from .frontend import LoadedModel, load_onnx, to_relax
 from .targets import TargetSpec, get_target
 from .transform import ConversionReport, DSConvRewrite
@@ -139,6 +139,10 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     spec.check_toolchain()
     check_output_path(output)
     loaded = load_onnx(model_path, input_shapes)
+    unknown = [name for name in config.skip if name not in loaded.conv_names]
+    if unknown:
+        raise ModelError(f"{model_path}: --skip {' '.join(unknown)}: no Conv node of that name; the Conv "
+                         f"nodes are: {', '.join(loaded.conv_names) or '(none)'}")
     log(f"loaded {model_path}: inputs {loaded.input_shapes}, {len(loaded.conv_names)} Conv nodes, "
         f"{len(loaded.folded_bn)} BatchNormalization folded")
     mod, report = build_relax(loaded, config)

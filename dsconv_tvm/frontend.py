@@ -197,10 +197,37 @@ def to_relax(loaded: LoadedModel):
 
     try:
         mod = from_onnx(loaded.model, shape_dict=loaded.input_shapes, dtype_dict=loaded.input_dtypes)
+        # FoldConstant legalizes ops: shape errors (e.g. an input too small for a conv) surface here
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.transform.FoldConstant()(mod)
     except Exception as exc:
         msg = str(exc).strip().splitlines()
+        empty = _first_empty_output(loaded)
+        where = (f" (node '{empty[0]}' would output shape {empty[1]})" if empty else "")
         raise ModelError(f"{loaded.path}: TVM cannot import the model with input shapes "
-                         f"{loaded.input_shapes}: {msg[-1] if msg else type(exc).__name__}") from exc
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    mod = relax.transform.FoldConstant()(mod)
+                         f"{loaded.input_shapes}{where}: {msg[-1] if msg else type(exc).__name__}") from exc
     return mod
+
+
+def _first_empty_output(loaded: LoadedModel):
+    """(node name, shape) of the first node ONNX shape inference gives a dimension <= 0, or None."""
+    try:
+        import onnx
+
+        model = copy.deepcopy(loaded.model)
+        for inp in model.graph.input:
+            if inp.name in loaded.input_shapes:
+                dims = inp.type.tensor_type.shape.dim
+                for d, v in zip(dims, loaded.input_shapes[inp.name]):
+                    d.dim_value = v
+        inferred = onnx.shape_inference.infer_shapes(model)
+        shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                           for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+        for node in inferred.graph.node:
+            for out in node.output:
+                shape = shapes.get(out)
+                if shape and any(d is not None and d <= 0 for d in shape):
+                    return node.name or out, shape
+    except Exception:  # noqa: BLE001  (best effort: only used to improve a message)
+        pass
+    return None
