@@ -130,6 +130,47 @@ class DSConvCPU(dlight.ScheduleRule):
         return schedule_dsconv_cpu(func, target)
 
 
+class ParallelFallback(dlight.ScheduleRule):
+    """Every other PrimFunc on a CPU (the convs kept in fp32, pooling, dense, elementwise ops):
+    run its outer spatial loops on all cores, and vectorize the innermost loop of purely
+    elementwise loop nests.  Not fast, just not single-threaded scalar code."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, _tunable):
+        if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            infos = dlight.normalize_prim_func(sch)
+            if not infos:
+                return None
+            for info in infos:
+                loops = sch.get_loops(info.block_rv)
+                kinds = [it.kind for it in info.iters]
+                if len(loops) != len(kinds):
+                    continue
+                lead = []
+                for loop, kind in zip(loops, kinds):
+                    if kind != "S":
+                        break
+                    lead.append(loop)
+                if not lead:
+                    continue
+                if len(lead) == len(loops) and len(lead) > 1:        # elementwise: vectorize inner
+                    extent = sch.get(lead[-1]).extent
+                    if isinstance(extent, tirx.IntImm) and 2 <= int(extent) <= 64:
+                        sch.vectorize(lead[-1])
+                        lead = lead[:-1]
+                if lead:
+                    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+            return sch
+        except Exception:  # noqa: BLE001  (a function this simple rule cannot handle stays as it is)
+            return None
+
+
 def default_schedule_pass():
-    """The pass that gives every DSConv PrimFunc of a module its default schedule (if untuned)."""
-    return dlight.ApplyDefaultSchedule(DSConvCPU())
+    """The pass that gives every DSConv PrimFunc of a module its default schedule, and every other
+    PrimFunc the parallel fallback (functions already scheduled, e.g. tuned, are left alone)."""
+    return dlight.ApplyDefaultSchedule(DSConvCPU(), ParallelFallback())
