@@ -29,8 +29,9 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
                    help=f"input channels per KDS scale / BFP exponent block, >= 1 (default {d.block})")
     p.add_argument("--mantissa", type=int, default=d.mantissa,
                    help=f"BFP activation mantissa bits, 2..8 (default {d.mantissa})")
-    p.add_argument("--fit", default=d.fit, choices=["mse", "l2"],
-                   help="KDS scale fit: mse = clipping grid search (default), l2 = the paper's")
+    p.add_argument("--fit", default=d.fit, choices=["l2", "mse"],
+                   help="KDS scale fit: l2 = the paper's closed form (default), mse = clipping grid "
+                        "search (lower weight error, not better top-1 on the example models)")
     p.add_argument("--scale-dtype", default=d.scale_dtype, choices=["float32", "float16"],
                    help="dtype of the KDS scales in the .so (default float32)")
     p.add_argument("--first-layer", default=d.first_layer, choices=["keep", "dsconv"],

@@ -10,10 +10,10 @@ kernel tap ``(kh, kw)``.  Each slice ``w`` (a vector of at most ``B`` numbers) b
 Given ``q`` the best ``xi`` is the closed-form least-squares solution ``xi = <w, q> / <q, q>``, and
 given ``xi`` the best ``q`` is ``clip(rint(w / xi))`` (elementwise nearest representable integer).
 
-* ``fit="l2"`` (the paper's): the grid step ``t0 = -a / 2**(b-1)`` maps the largest-magnitude
+* ``fit="l2"`` (the paper's, the default): the grid step ``t0 = -a / 2**(b-1)`` maps the largest-magnitude
   element ``a`` onto ``-2**(b-1)`` (sign absorbed into xi), ``q = clip(rint(w / t0))``, then the
   least-squares ``xi``.
-* ``fit="mse"`` (default): the same with a clipped step ``t = alpha * t0`` for every ``alpha`` in
+* ``fit="mse"``: the same with a clipped step ``t = alpha * t0`` for every ``alpha`` in
   :func:`alpha_grid` (alpha = 1 is the l2 solution), keeping per slice the alpha with the smallest
   ``||w - xi q||^2``, then :data:`REFINE_STEPS` alternating refinements (``q <- clip(rint(w/xi))``,
   ``xi <- LS``), each of which cannot increase the error.  Per slice the result is never worse than
@@ -174,7 +174,7 @@ def _deploy(xi: np.ndarray, sdt: np.dtype) -> np.ndarray:
     return r.astype(np.float64)
 
 
-def quantize_weight(w: np.ndarray, bits: int = 4, block: int = 32, fit: str = "mse",
+def quantize_weight(w: np.ndarray, bits: int = 4, block: int = 32, fit: str = "l2",
                     scale_dtype: str = "float32") -> QuantizedWeight:
     """Quantize a conv weight (CO, CI, KH, KW) into DSConv VQK integers ``q`` and KDS scales ``xi``."""
     w = _validate(w, bits, block, fit, scale_dtype)

@@ -40,8 +40,4 @@ def test_w4_accuracy_within_one_point(name, test_set, tmp_path):
 
 
 def _recorded_acc(recorded, name):
-    entry = recorded[name] if name in recorded else next(m for m in recorded["models"] if m["name"] == name)
-    for key in ("fp32_test_accuracy_ort", "fp32_top1", "test_accuracy", "accuracy", "fp32_accuracy"):
-        if key in entry:
-            return float(entry[key])
-    raise KeyError(f"no accuracy recorded for {name}: {entry}")
+    return float(recorded["models"][name]["fp32_top1_ort"])

@@ -209,13 +209,13 @@ def test_zero_slices_and_block_larger_than_ci():
 
 def test_input_dtypes_and_chunking(monkeypatch):
     w = _weights(2, (9, 40, 3, 3), "gauss", np.float64)
-    ref = quantize_weight(w, 4, 32)
+    ref = quantize_weight(w, 4, 32, "mse")
     for dt in (np.float32, np.float16):
         qw = quantize_weight(w.astype(dt), 4, 32)
         assert fit_error(w.astype(dt), qw) < 0.02
     assert quantize_weight(np.rint(w * 100).astype(np.int32), 4, 32).xi.dtype == np.float32
     monkeypatch.setattr(W, "_CHUNK_ELEMS", 500)  # several output channels per chunk -> many chunks
-    small = quantize_weight(w, 4, 32)
+    small = quantize_weight(w, 4, 32, "mse")
     np.testing.assert_array_equal(small.q, ref.q)
     np.testing.assert_array_equal(small.xi, ref.xi)
 
@@ -329,9 +329,9 @@ def test_speed_512x512x3x3():
 
 def test_refinement_helps_and_never_hurts(monkeypatch):
     w = _weights(10, (16, 64, 3, 3), "gauss")
-    refined = quantize_weight(w, 8, 32)
+    refined = quantize_weight(w, 8, 32, "mse")
     monkeypatch.setattr(W, "REFINE_STEPS", 0)
-    plain = quantize_weight(w, 8, 32)
+    plain = quantize_weight(w, 8, 32, "mse")
     e_r, e_p = _slice_errors(w, refined), _slice_errors(w, plain)
     assert np.all(e_r <= e_p * (1 + 1e-6) + 1e-12 * _slice_norms(w, 32))
     assert e_r.sum() < 0.998 * e_p.sum()
