@@ -1,0 +1,7 @@
+"""``python -m dsconv_tvm`` is the same as the ``dsconv-tvm`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
