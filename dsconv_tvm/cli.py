@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true",
                    help="skip the fp32-vs-DSConv agreement check on a sample input")
     c.add_argument("--report-json", default=None, help="also write the per-layer report as JSON")
+    c.add_argument("--tuning-db", default=None, metavar="DIR",
+                   help="MetaSchedule database from `dsconv-tvm tune` (default: the shipped "
+                        "schedules/<target>/ if any, else the default schedules)")
+    c.add_argument("--bundle", default=None, metavar="DIR",
+                   help="also write DIR to copy to the board: the .so, the TVM runtime libraries for "
+                        "the target, the C++ example's source, a sample input and a README.txt")
+    c.add_argument("--force", action="store_true", help="with --bundle: replace a non-empty DIR")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a host .so on inputs from a .npy file",
@@ -83,9 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=5, help="classes printed per sample (default 5)")
     r.set_defaults(func=cmd_run)
 
+    tu = sub.add_parser("tune", help="auto-tune a model for a target (MetaSchedule + XGBoost)",
+                        description="Tune every TensorIR task of the DSConv model (DSConv layers and "
+                                    "the ops kept in fp32) with MetaSchedule's evolutionary search and "
+                                    "XGBoost cost model. Records are appended to the database in "
+                                    "--work-dir as they are measured (an interrupted run keeps them); "
+                                    "compile with --tuning-db WORK_DIR to use them.")
+    tu.add_argument("model", help="the ONNX model file")
+    tu.add_argument("--target", "-t", default="x86", help="target name (default x86 = this host)")
+    tu.add_argument("--trials", type=int, default=64, help="measurement trials in total (default 64)")
+    tu.add_argument("--trials-per-iter", type=int, default=16, help="candidates per search round")
+    tu.add_argument("--work-dir", default="tuning", help="database directory (default ./tuning)")
+    tu.add_argument("--input-shapes", default=None, help='static input shapes, e.g. "input:[1,1,28,28]"')
+    tu.add_argument("--tracker", default=None, metavar="HOST:PORT",
+                    help="measure on a board registered at this TVM RPC tracker")
+    tu.add_argument("--key", default=None, help="the board's key at the tracker")
+    tu.add_argument("--timeout", type=float, default=120, help="RPC session timeout, seconds")
+    _add_scheme_options(tu)
+    tu.set_defaults(func=cmd_tune)
+
     t = sub.add_parser("targets", help="list the known targets",
                        description="List the targets (targets/*.json) and their toolchains.")
     t.set_defaults(func=cmd_targets)
+
+    ri = sub.add_parser("runtime-info", help="where the TVM runtime (headers, libraries) for C++ is",
+                        description="Print where the TVM runtime headers and libraries for TARGET are "
+                                    "(downloading the aarch64 runtime once), for building C++ programs "
+                                    "that load the compiled .so (see tools/cpp_example).")
+    ri.add_argument("--target", "-t", default="x86", help="target name (default x86 = this host)")
+    what = ri.add_mutually_exclusive_group()
+    for flag, dest_value, text in (("--cmake-dir", "cmake_dir", "the directory for -DDSCONV_TVM_RUNTIME_DIR "
+                                                                "(holds DSConvTVMRuntimeConfig.cmake)"),
+                                   ("--include-dir", "include_dir", "the include directory"),
+                                   ("--lib-dir", "lib_dir", "the directory of libtvm_runtime.so, libtvm_ffi.so"),
+                                   ("--json", "json", "everything as JSON")):
+        what.add_argument(flag, dest="what", action="store_const", const=dest_value, help=text)
+    ri.set_defaults(func=cmd_runtime_info)
+
+    from .remote import add_parsers as _add_remote_parsers
+    _add_remote_parsers(sub)  # bench, tracker, board-server (dsconv_tvm/remote.py)
     return parser
 
 
@@ -116,6 +159,8 @@ def format_summary(result) -> str:
         mant = ("u" if layer.unsigned else "s") + str(cfg.mantissa) if layer.converted else "-"
         sq = f"{layer.sqnr_db:8.2f}" if layer.converted else f"{'-':>8}"
         note = "+".join(layer.fused) if layer.converted else layer.reason
+        if layer.converted and result.tuned_functions:
+            note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer.name, result) else "[default]")
         lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {mant:<9} {sq} "
                      f"{_fmt_bytes(layer.fp32_bytes):>9} {_fmt_bytes(layer.deployed_bytes):>9}  {note}")
     fp32 = sum(layer.fp32_bytes for layer in rep.layers)
@@ -127,6 +172,9 @@ def format_summary(result) -> str:
                      f"({dep / max(fp32, 1):.3f}x); converted layers alone {conv_dep / max(conv_fp32, 1):.3f}x")
     for note in result.notes:
         lines.append(note)
+    tuned = sum(_layer_tuned(layer.name, result) for layer in rep.converted)
+    lines.append(f"schedules {result.schedules}: {tuned} of {len(rep.converted)} DSConv layers tuned, "
+                 f"{len(rep.converted) - tuned} with the default schedule")
     a = result.agreement
     if a is not None:
         lines.append(f"agreement fp32 (TVM) vs DSConv on a sample input, run with {a.where}: "
@@ -135,6 +183,11 @@ def format_summary(result) -> str:
     size = os.path.getsize(result.output) if os.path.exists(result.output) else 0
     lines.append(f"wrote     {result.output} ({_fmt_bytes(size)}) in {result.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def _layer_tuned(name: str, result) -> bool:
+    from .transform import _ident
+    return f"dsconv_{_ident(name)}" in result.tuned_functions
 
 
 def report_json(result) -> dict:
@@ -177,12 +230,18 @@ def cmd_compile(args) -> int:
 
     config = _config_from_args(args)
     shapes = parse_input_shapes(args.input_shapes)
+    bundle = None
+    if args.bundle:  # check DIR and fetch the target's runtime before the (long) compile
+        from .bundle import prepare_bundle
+        bundle = prepare_bundle(args.bundle, args.target, force=args.force, output=args.output,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.report_json:
         from .compiler import check_output_path
         check_output_path(args.report_json)
     result = compile_model(args.model, args.target, args.output, config, shapes,
                            check=not args.no_check,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
+                           log=lambda m: print(m, file=sys.stderr, flush=True),
+                           tuning_db=args.tuning_db)
     for note in result.notes:
         print(note, file=sys.stderr)
     result.notes = []
@@ -190,6 +249,33 @@ def cmd_compile(args) -> int:
     if args.report_json:
         data = json.dumps(report_json(result), indent=2).encode()
         _atomic_write(args.report_json, lambda f: f.write(data))
+    if bundle is not None:
+        print(f"bundle    {bundle.write(result.output, result.input_shapes)}")
+    return EXIT_OK
+
+
+def cmd_tune(args) -> int:
+    from .errors import ConfigError
+    from .frontend import parse_input_shapes
+    from .tuning import tune_model
+
+    if args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: must be >= 1")
+    if args.tracker and not args.key:
+        raise ConfigError("--tracker needs --key (the board's key at the tracker)")
+    if args.tracker and ":" not in args.tracker:
+        raise ConfigError(f"--tracker {args.tracker!r}: expected HOST:PORT")
+    result = tune_model(args.model, args.target, args.work_dir, _config_from_args(args),
+                        parse_input_shapes(args.input_shapes), trials=args.trials,
+                        trials_per_iter=args.trials_per_iter, tracker=args.tracker, key=args.key,
+                        timeout=args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True))
+    final = result.history[-1][2] if result.history else float("nan")
+    reach = next((t for t, _, ms_ in result.history if ms_ <= 1.1 * final), float("nan"))
+    n10 = next((n for _, n, ms_ in result.history if ms_ <= 1.1 * final), 0)
+    print(f"tuned {len(result.tasks)} tasks with {result.trials} trials in {result.seconds:.0f} s; best total "
+          f"{final:.3f} ms (sum of the tasks' best kernels), within 10 % of it after {n10} trials / "
+          f"{reach:.0f} s")
+    print(f"database  {os.path.abspath(result.work_dir)}  (compile with --tuning-db {result.work_dir})")
     return EXIT_OK
 
 
@@ -268,6 +354,12 @@ def _compiled_input_shape(vm):
         return None
     first = shapes[0] if not hasattr(shapes, "__int__") else shapes
     return [int(d) for d in first]
+
+
+def cmd_runtime_info(args) -> int:
+    from .runtime import main_info
+
+    return main_info(args)
 
 
 def cmd_targets(_args) -> int:

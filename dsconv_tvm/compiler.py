@@ -20,19 +20,34 @@ from .targets import TargetSpec, get_target
 from .transform import ConversionReport, DSConvRewrite
 
 
-def relax_pipeline(target):
-    """TVM's default CPU Relax pipeline, with the DSConv schedule rule applied to the fused TIR."""
+def relax_pipeline(target, database=None, tuned: list | None = None):
+    """TVM's default CPU Relax pipeline, with (in this order) the schedules of a tuning database
+    applied to the fused TIR, then the DSConv / fallback default schedule rules for the rest.
+    The names of the functions the database scheduled are appended to ``tuned``."""
+    import contextlib
+
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from .schedule import default_schedule_pass
 
+    @tvm.transform.module_pass(opt_level=0, name="RecordTunedFunctions")
+    def _record(mod, _ctx):
+        if tuned is not None:
+            tuned.extend(gv.name_hint for gv, f in mod.functions_items()
+                         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False))
+        return mod
+
     @tvm.transform.module_pass(opt_level=0, name="DSConvPipeline")
     def _pipeline(mod, _ctx):
-        with target:
+        with target, (database if database is not None else contextlib.nullcontext()):
+            apply_db = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False), _record] \
+                if database is not None else []
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
+                + apply_db
                 + [default_schedule_pass()]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target))
@@ -62,12 +77,12 @@ def _with_input_shapes(mod, loaded: LoadedModel):
     return bb.get()
 
 
-def build(mod, spec: TargetSpec):
+def build(mod, spec: TargetSpec, database=None, tuned: list | None = None):
     """Compile a Relax module for a target spec; returns the ``tvm.runtime.Executable``."""
     import tvm
 
     target = spec.tvm_target()
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, database, tuned))
 
 
 def run_executable(ex, inputs: list[np.ndarray]) -> np.ndarray:
@@ -109,6 +124,8 @@ class CompileResult:
     seconds: float
     agreement: Agreement | None = None
     notes: list[str] = field(default_factory=list)
+    schedules: str = "default schedules"      # where the schedules came from
+    tuned_functions: list[str] = field(default_factory=list)
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray, where: str) -> Agreement:
@@ -130,7 +147,8 @@ def check_output_path(path: str) -> None:
 
 
 def compile_model(model_path: str, target: str, output: str, config: DSConvConfig | None = None,
-                  input_shapes: dict | None = None, check: bool = True, log=None) -> CompileResult:
+                  input_shapes: dict | None = None, check: bool = True, log=None,
+                  tuning_db: str | None = None) -> CompileResult:
     """Compile an ONNX model into a DSConv ``.so`` for ``target`` (see ``dsconv-tvm compile``)."""
     log = log or (lambda msg: None)
     config = config or DSConvConfig()
@@ -147,10 +165,13 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
         f"{len(loaded.folded_bn)} BatchNormalization folded")
     mod, report = build_relax(loaded, config)
     log(f"rewrote {len(report.converted)} of {len(report.layers)} convs to DSConv; compiling for {spec.name}")
-    ex = build(mod, spec)
+    from .tuning import find_database
+    database, where = find_database(spec.name, tuning_db)
+    tuned: list[str] = []
+    ex = build(mod, spec, database, tuned)
     spec.export_library(ex, output)
     result = CompileResult(output, spec.name, config, report, loaded.input_shapes, loaded.folded_bn,
-                           time.time() - t0)
+                           time.time() - t0, schedules=where, tuned_functions=tuned)
     if not report.layers:
         result.notes.append("warning: the model has no convolution; it was compiled without DSConv layers")
     if check:

@@ -1,0 +1,201 @@
+"""Auto-tuning with MetaSchedule and its XGBoost cost model; tuning databases.
+
+``tune_model`` extracts every TensorIR task of the DSConv-rewritten model (the DSConv layers and the
+ops kept in fp32), tunes them with MetaSchedule (evolutionary search guided by XGBoost), measuring
+locally or on a board through the TVM RPC tracker (candidates are cross-linked into a ``.so`` on the
+host, so the board needs no compiler).  Every measured record is appended to the JSON database in
+the work dir as soon as it is measured, so an interrupted run loses nothing already measured.
+
+``find_database`` implements the order ``compile`` uses: ``--tuning-db`` if given, then the shipped
+database in ``schedules/<target>/``, then the default schedules.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DSConvConfig
+from .errors import OutputError, TargetError
+
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def cpu_intrinsics_only():
+    """Import only TVM's x86/ARM tensor intrinsics (``import tvm.s_tir.tensor_intrin`` parses ~250
+    CUDA intrinsics and takes ~25 s, longer than MetaSchedule's build timeout).  Used as the builder
+    workers' initializer too."""
+    import importlib
+    import types
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        sys.modules[name] = mod
+        for sub in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+
+
+def shipped_schedules_dir(target_name: str) -> Path | None:
+    """``schedules/<target>/`` (source checkout) or ``dsconv_tvm/data/schedules/<target>/`` (wheel)."""
+    here = Path(__file__).resolve().parent
+    for base in (here / "data" / "schedules", here.parent / "schedules"):
+        cand = base / target_name
+        if all((cand / f).is_file() for f in DB_FILES):
+            return cand
+    return None
+
+
+def is_database_dir(path: str | os.PathLike) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in DB_FILES)
+
+
+def find_database(target_name: str, tuning_db: str | None):
+    """(database, where) for ``compile``: the user's, else the shipped one, else (None, "default")."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if tuning_db:
+        if not is_database_dir(tuning_db):
+            raise OutputError(f"--tuning-db {tuning_db}: not a tuning database (expected "
+                              f"{' and '.join(DB_FILES)} in that directory)")
+        return ms.database.JSONDatabase(work_dir=tuning_db, allow_missing=False), f"tuning database {tuning_db}"
+    shipped = shipped_schedules_dir(target_name)
+    if shipped is not None:
+        return ms.database.JSONDatabase(work_dir=str(shipped), allow_missing=False), f"shipped schedules/{target_name}"
+    return None, "default schedules"
+
+
+@dataclass
+class TuneResult:
+    work_dir: str
+    tasks: list[str]
+    trials: int
+    seconds: float
+    history: list[tuple[float, int, float]] = field(default_factory=list)   # (seconds, trials, total ms)
+
+
+def _export_with(cc: str):
+    def export(mod) -> str:        # runs in the builder worker
+        import os as _os
+        import tempfile as _tempfile
+        path = _os.path.join(_tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        mod.export_library(path, cc=cc)
+        return path
+    return export
+
+
+def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, stream, t0: float):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            super().__init__()
+            self.trials = 0
+            self.best: dict[int, float] = {}
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.trials += len(runner_results)
+            for res in runner_results:
+                if res.error_msg is None and res.run_secs:
+                    t = sum(float(s) for s in res.run_secs) / len(res.run_secs) * 1e3
+                    self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
+            total = sum(self.best.values())
+            done = len(self.best)
+            width = 24
+            frac = min(1.0, self.trials / max(total_trials, 1))
+            bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
+            if done == ntasks:            # a total over every task: comparable between rounds
+                result.history.append((time.time() - t0, self.trials, total))
+            print(f"tune [{bar}] trials {self.trials}/{total_trials}  tasks measured {done}/{ntasks}  "
+                  f"best total {total:.3f} ms  {time.time() - t0:.0f} s", file=stream, flush=True)
+
+    return Progress()
+
+
+def _flops(mod) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvConfig | None = None,
+               input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
+               tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
+               seed: int = 0, log=None, stream=sys.stderr) -> TuneResult:
+    """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import meta_schedule as ms
+
+    from .compiler import build_relax
+    from .frontend import load_onnx
+    from .targets import get_target
+
+    log = log or (lambda msg: None)
+    spec = get_target(target_name)
+    spec.check_toolchain()
+    if tracker is None and not spec.runs_here():
+        raise TargetError(f"target '{spec.name}' does not run on this machine: measure on the board with "
+                          f"--tracker HOST:PORT --key KEY (timings under emulation mean nothing)")
+    os.makedirs(work_dir, exist_ok=True)
+    if not os.access(work_dir, os.W_OK):
+        raise OutputError(f"cannot write the tuning database to {work_dir}")
+    cpu_intrinsics_only()
+    loaded = load_onnx(model_path, input_shapes)
+    mod, report = build_relax(loaded, config or DSConvConfig())
+    target = spec.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                       + cpu_generic.legalize_passes(target))(mod)
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    # spend the trials where the time goes: drop tasks below 1 % of the largest task's FLOPs
+    flops = [_flops(t.dispatched[0]) * float(t.weight) for t in extracted]
+    top = max(flops, default=0.0)
+    extracted = [t for t, f in zip(extracted, flops) if f >= 0.01 * top]
+    names = [t.task_name for t in extracted]
+    log(f"{len(extracted)} tasks ({sum(1 for n in names if 'dsconv' in n)} DSConv): {', '.join(names)}")
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, work_dir, seed=seed, num_threads=max(1, os.cpu_count() or 1))
+    import logging
+    for name in list(logging.root.manager.loggerDict):        # MetaSchedule's tables go to the logs
+        if name.startswith("tvm.s_tir.meta_schedule"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
+    builder = ms.builder.LocalBuilder(initializer=cpu_intrinsics_only, timeout_sec=120,
+                                      **({"f_export": export} if export else {}))
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
+    if tracker:
+        host, _, port = tracker.rpartition(":")
+        runner = ms.runner.RPCRunner(
+            rpc_config=ms.runner.RPCConfig(tracker_host=host or "127.0.0.1", tracker_port=int(port),
+                                           tracker_key=key, session_timeout_sec=int(timeout)),
+            evaluator_config=evaluator, max_workers=1)
+    else:
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator)
+    database = ms.database.JSONDatabase(work_dir=work_dir)
+    result = TuneResult(work_dir, names, trials, 0.0)
+    t0 = time.time()
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                 _progress_callback(len(contexts), trials, result, stream, t0)]
+    cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
+                                        adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
+    try:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
+                      num_trials_per_iter=trials_per_iter, builder=builder, runner=runner,
+                      database=database, cost_model=cost_model, measure_callbacks=callbacks,
+                      task_scheduler="gradient")
+    finally:
+        result.seconds = time.time() - t0
+    del report
+    return result

@@ -1,0 +1,75 @@
+"""`dsconv-tvm tune` (MetaSchedule + XGBoost) and `compile --tuning-db`: tuned schedules are used and
+the tuned model still equals the numpy reference."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dsconv_tvm import cli
+from dsconv_tvm.compiler import compile_model, sample_inputs
+from dsconv_tvm.config import DSConvConfig
+from dsconv_tvm.evaluate import predict
+from dsconv_tvm.frontend import load_onnx
+from dsconv_tvm.reference import reference_model
+
+
+def _one_conv_model(path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["out"])]
+    g = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 12, 12])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 12, 12])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    model = _one_conv_model(str(d / "one.onnx"))
+    work = str(d / "db")
+    rc = cli.main(["tune", model, "--work-dir", work, "--trials", "4", "--trials-per-iter", "2",
+                   "--block", "8", "--first-layer", "dsconv"])
+    assert rc == 0
+    return model, work
+
+
+def test_tune_writes_a_database(tuned):
+    _, work = tuned
+    assert os.path.getsize(os.path.join(work, "database_tuning_record.json")) > 0
+    assert os.path.getsize(os.path.join(work, "database_workload.json")) > 0
+
+
+def test_compile_uses_tuning_db_and_matches_reference(tuned, tmp_path, capsys):
+    model, work = tuned
+    cfg = DSConvConfig(block=8, first_layer="dsconv")
+    out = str(tmp_path / "t.so")
+    result = compile_model(model, "x86", out, cfg, check=False, tuning_db=work)
+    assert result.schedules.startswith("tuning database")
+    assert result.tuned_functions and any(f.startswith("dsconv_") for f in result.tuned_functions)
+    loaded = load_onnx(model)
+    x = sample_inputs(loaded, 1)[0]
+    ref = reference_model(loaded, result.report, cfg.mantissa, cfg.block)(x)
+    np.testing.assert_allclose(predict(out, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert cli.main(["compile", model, "-o", str(tmp_path / "u.so"), "--block", "8", "--first-layer", "dsconv",
+                     "--tuning-db", work, "--no-check"]) == 0
+    assert "1 of 1 DSConv layers tuned" in capsys.readouterr().out
+
+
+def test_bad_tuning_db_is_one_line_error(tuned, tmp_path, capsys):
+    model, _ = tuned
+    assert cli.main(["compile", model, "-o", str(tmp_path / "x.so"), "--tuning-db", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a tuning database" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x.so")
+
+
+def test_tune_for_a_board_needs_a_tracker(tuned, tmp_path, capsys):
+    model, _ = tuned
+    assert cli.main(["tune", model, "--target", "rpi4", "--work-dir", str(tmp_path / "w")]) == 2
+    assert "--tracker" in capsys.readouterr().err
