@@ -269,6 +269,10 @@ def cmd_tune(args) -> int:
                         parse_input_shapes(args.input_shapes), trials=args.trials,
                         trials_per_iter=args.trials_per_iter, tracker=args.tracker, key=args.key,
                         timeout=args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if result.failures:
+        lines = [l for l in result.first_error.splitlines() if l.strip()]
+        print(f"warning: {result.failures} of {result.trials} candidates failed to build or run; first error: "
+              f"{(lines[-1] if lines else '?')[:300]}", file=sys.stderr)
     final = result.history[-1][2] if result.history else float("nan")
     reach = next((t for t, _, ms_ in result.history if ms_ <= 1.1 * final), float("nan"))
     n10 = next((n for _, n, ms_ in result.history if ms_ <= 1.1 * final), 0)

@@ -33,11 +33,12 @@ Importing this module is cheap (no TVM); TVM is imported by the functions that n
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import platform
 import queue
+import shutil
 import signal
 import socket
 import statistics
@@ -264,6 +265,7 @@ class BenchResult:
     complete: bool = False
     error: str | None = None
     check: dict | None = None
+    board_io: tuple | None = field(default=None, repr=False)   # (input, board output), not in JSON
 
     def stats(self) -> dict:
         if not self.times_ms:
@@ -417,9 +419,73 @@ def _remote_input_shape(sess, vm, known):
                          ) from None
 
 
+def _worker_session(params: dict, emit, state: dict) -> None:
+    """The remote session of a bench worker; every object holding the session is local here, so
+    that returning (or raising) and a ``gc.collect()`` close the session cleanly: TVM's RPC
+    server stops serving for good when a client vanishes with a reset connection."""
+    import tvm
+    from tvm import relax, rpc
+
+    x = ref = None
+    if params["reference"]:
+        # first, so that a reference this host cannot run fails before a board is taken
+        from .evaluate import load_library
+
+        state["stage"] = f"running {params['reference']} here (the reference)"
+        emit("reference")
+        ref_vm, ref_shape = load_library(params["reference"])
+        x = _bench_input(ref_shape, params["seed"])
+        ref = ref_vm["main"](tvm.runtime.tensor(x)).numpy()
+        del ref_vm
+    emit("ready")
+    state["stage"] = "requesting a board"
+    th, tp = params["tracker"]
+    deadline = max(params["deadline"], time.time() + 1.0)
+    bhost, bport, matchkey = _request_board(th, tp, params["key"], deadline)
+    emit("granted", board=f"{bhost}:{bport}")
+    state["stage"] = "connecting to the board"
+    sess = rpc.connect(bhost, bport, matchkey, session_timeout=params["session_timeout"])
+    emit("connected")
+    state["stage"] = "uploading the library"
+    name = os.path.basename(params["library"])
+    sess.upload(params["library"], name)
+    emit("uploaded")
+    state["stage"] = "loading the library"
+    dev = sess.cpu()
+    vm = relax.VirtualMachine(sess.load_module(name), dev)
+    shape = _remote_input_shape(sess, vm, None if x is None else list(x.shape))
+    emit("loaded", shape=shape)
+    if x is not None and list(x.shape) != list(shape):
+        raise ModelError(f"--reference {params['reference']} has input shape {list(x.shape)} but "
+                         f"the benchmarked library has {list(shape)}: not the same model")
+    state["stage"] = "running the model"
+    if x is None:
+        x = _bench_input(shape, params["seed"])
+    rx = tvm.runtime.tensor(x, device=dev)
+    y = vm["main"](rx).numpy()
+    np.savez(params["output_file"], x=x, y=y, **({} if ref is None else {"ref": ref}))
+    emit("output")
+    state["stage"] = "measuring"
+    vm.set_input("main", rx)
+    done, chunk, target_s = 0, 1, params["chunk_seconds"]
+    while done < params["repeat"]:
+        k = min(chunk, params["repeat"] - done)
+        t0 = time.perf_counter()
+        timer = vm.time_evaluator("invoke_stateful", dev, number=params["number"], repeat=k)
+        res = timer("main")
+        wall = time.perf_counter() - t0
+        done += k
+        emit("times", ms=[t * 1e3 for t in res.results])
+        # batch the next measurements so that one round trip takes about target_s seconds
+        chunk = max(1, min(1000, int(k * target_s / max(wall, 1e-6))))
+    state["stage"] = "closing the session"
+
+
 def _worker_main() -> int:
     """The child process of a remote bench: one JSON line of parameters on stdin, one JSON event per
     line on (a private copy of) stdout.  Exits at once when stdin closes (the parent is gone)."""
+    import gc
+
     events = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                        # anything TVM prints goes to stderr, not into the events
     params = json.loads(sys.stdin.readline())
@@ -433,55 +499,17 @@ def _worker_main() -> int:
         events.write(json.dumps({"ev": ev, **kw}) + "\n")
         events.flush()
 
-    stage = "starting"
+    state = {"stage": "starting"}
+    final = ("done", {})
     try:
-        import tvm
-        from tvm import relax, rpc
-
-        emit("ready")
-        stage = "requesting a board"
-        th, tp = params["tracker"]
-        deadline = max(params["deadline"], time.time() + 1.0)
-        bhost, bport, matchkey = _request_board(th, tp, params["key"], deadline)
-        emit("granted", board=f"{bhost}:{bport}")
-        stage = "connecting to the board"
-        sess = rpc.connect(bhost, bport, matchkey, session_timeout=params["session_timeout"])
-        emit("connected")
-        stage = "uploading the library"
-        name = os.path.basename(params["library"])
-        sess.upload(params["library"], name)
-        emit("uploaded")
-        stage = "loading the library"
-        dev = sess.cpu()
-        vm = relax.VirtualMachine(sess.load_module(name), dev)
-        shape = _remote_input_shape(sess, vm, params.get("input_shape"))
-        emit("loaded", shape=shape)
-        stage = "running the model"
-        x = _bench_input(shape, params["seed"])
-        rx = tvm.runtime.tensor(x, device=dev)
-        y = vm["main"](rx).numpy()
-        np.savez(params["output_file"], x=x, y=y)
-        emit("output")
-        stage = "measuring"
-        vm.set_input("main", rx)
-        done, chunk, target_s = 0, 1, params["chunk_seconds"]
-        while done < params["repeat"]:
-            k = min(chunk, params["repeat"] - done)
-            t0 = time.perf_counter()
-            timer = vm.time_evaluator("invoke_stateful", dev, number=params["number"], repeat=k)
-            res = timer("main")
-            wall = time.perf_counter() - t0
-            done += k
-            emit("times", ms=[t * 1e3 for t in res.results])
-            # batch the next measurements so that one round trip takes about target_s seconds
-            chunk = max(1, min(1000, int(k * target_s / max(wall, 1e-6))))
-        emit("done")
-        return 0
+        _worker_session(params, emit, state)
     except DSConvError as exc:
-        emit("error", stage=stage, message=str(exc), user=True)
+        final = ("error", {"stage": state["stage"], "message": str(exc), "user": True})
     except Exception as exc:  # noqa: BLE001
-        emit("error", stage=stage, message=_first_line(exc), user=False)
-    return 1
+        final = ("error", {"stage": state["stage"], "message": _first_line(exc), "user": False})
+    gc.collect()                         # frees the remote objects: the session ends cleanly
+    emit(final[0], **final[1])
+    return 0 if final[0] == "done" else 1
 
 
 class _Worker:
@@ -523,7 +551,14 @@ class _Worker:
         except (OSError, ValueError):
             return ""
 
-    def stop(self):
+    def stop(self, grace: float = 0.0):
+        """End the worker: let it exit by itself for ``grace`` seconds (after its final event),
+        then close its stdin (it exits at once) and kill its process tree."""
+        if grace > 0:
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             self.proc.stdin.close()
         except OSError:
@@ -540,21 +575,31 @@ class _Worker:
 def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number: int = 5,
                  timeout: float = 60.0, session_timeout: float = 0.0, emulated: bool | None = None,
                  seed: int = 0, reference: str | None = None, output: str | None = None,
-                 log=None) -> BenchResult:
+                 check: bool = True, log=None) -> BenchResult:
     """Time ``library`` on a board with ``key`` from ``tracker`` ("HOST:PORT").
 
     ``timeout``: seconds to wait for the tracker, for a free board, and for each step on the
     board (upload, load, run, each batch of measurements).  ``session_timeout``: the board ends
-    the session after that many seconds (0: no limit).  Raises :class:`RemoteError` (with the
-    measurements made so far in ``.partial``) when the tracker or the board fails."""
+    the session after that many seconds (0: no limit).  The board's output is compared with
+    ``reference`` (a host library of the same model; default: ``library`` itself when it is a host
+    library, unless ``check`` is False).  Raises :class:`RemoteError` (with the measurements made
+    so far in ``.partial``) when the tracker or the board fails."""
     log = log or (lambda _m: None)
     t_start = time.time()
     th, tp = parse_address(tracker, "--tracker")
     machine = _library_machine(library)
     if emulated is None:
         emulated = "emu" in key.lower()
+    auto_reference = False
+    if not check:
+        reference = None
     if reference:
-        _library_machine(reference)
+        ref_machine = _library_machine(reference)
+        if ref_machine != _host_machine():
+            raise ModelError(f"--reference {reference} is an {ref_machine} library; it must be built "
+                             f"for this host ({_host_machine()}), e.g. with --target x86")
+    elif check and machine == _host_machine():
+        reference, auto_reference = library, True
 
     # fast checks without TVM: the tracker answers, and a board with this key is registered
     summary = tracker_summary(th, tp, timeout=min(timeout, 10.0))
@@ -571,11 +616,13 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
     params = {"tracker": [th, tp], "key": key, "deadline": t_start + timeout,
               "session_timeout": session_timeout, "library": os.path.abspath(library),
               "repeat": repeat, "number": number, "seed": seed, "output_file": out_file,
+              "reference": os.path.abspath(reference) if reference else None,
               "chunk_seconds": max(0.2, min(2.0, timeout / 5.0))}
     worker = _Worker(params)
     stage = "starting the benchmark process"
     # waiting for the child's `import tvm` is not the board's fault: allow it more time
     wait = timeout + 60.0
+    final = False                        # the worker sent its last event and is exiting
     try:
         while True:
             ev = worker.next(wait)
@@ -585,11 +632,22 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
             if ev is None:
                 code = worker.proc.wait(timeout=5)
                 tail = worker.stderr_tail()
+                if stage == "running the reference here" and code < 0:
+                    try:
+                        sig = signal.Signals(-code).name
+                    except ValueError:
+                        sig = f"signal {-code}"
+                    hint = ("; pass --no-check to skip the output check" if auto_reference
+                            else "; build the reference for this host (--target x86)")
+                    raise RemoteError(f"{reference} cannot run on this host (killed by {sig}: "
+                                      f"built for a CPU feature this host lacks?){hint}", res)
                 raise RemoteError(f"the benchmark process died (exit code {code}) while {stage}"
                                   + (f": {tail}" if tail else ""), res)
             kind = ev["ev"]
             wait = timeout
-            if kind == "ready":
+            if kind == "reference":
+                stage = "running the reference here"
+            elif kind == "ready":
                 stage = f"waiting for a free board '{key}'"
                 wait = max(t_start + timeout - time.time(), 0.0) + 10.0
                 log(f"requesting a board '{key}' from tracker {th}:{tp}")
@@ -615,8 +673,10 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
                 stage = f"measuring ({len(res.times_ms)} of {repeat} done)"
             elif kind == "done":
                 res.complete = True
+                final = True
                 break
             elif kind == "error":
+                final = True
                 msg = _explain(ev["message"])
                 if ev.get("user"):
                     raise RemoteError(msg, res)
@@ -633,32 +693,29 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
         res.error = "interrupted"
         raise
     finally:
-        worker.stop()
-        data = None
+        worker.stop(grace=10.0 if final else 0.0)
+        x = y = ref = None
         if os.path.exists(out_file):
             try:
                 with np.load(out_file) as z:
-                    data = (z["x"], z["y"])
+                    x, y = z["x"], z["y"]
+                    ref = z["ref"] if "ref" in z.files else None
             except Exception:  # noqa: BLE001
-                data = None
-        import shutil
+                x = y = ref = None
         shutil.rmtree(tmpdir, ignore_errors=True)
-        res._io = data                        # type: ignore[attr-defined]
-        if output and data is not None:
-            _write_npz(output, data[0], data[1])
+        res.board_io = None if x is None else (x, y)
+        if output and x is not None:
+            _write_npz(output, x, y)
 
-    x, y = data if data is not None else (None, None)
-    if x is not None:
-        if reference:
-            res.check = _check_against(reference, f"board output vs host run of {reference}",
-                                       x, y, res.input_shape)
-        elif machine == _host_machine():
-            res.check = _check_against(library, "board output vs a run of the same library here",
-                                       x, y, res.input_shape)
-        else:
-            res.check = {"skipped": f"{os.path.basename(library)} is an {machine} library; pass "
-                                    f"--reference HOST.so (the same model compiled for this host) "
-                                    f"to check the board's output"}
+    if ref is not None:
+        what = ("board output vs a run of the same library here" if auto_reference
+                else f"board output vs host run of {reference}")
+        res.check = {**compare_outputs(y, ref), "what": what, "reference": os.path.abspath(reference)}
+    elif x is not None:
+        why = ("--no-check" if not check else
+               f"{os.path.basename(library)} is an {machine} library; pass --reference HOST.so (the "
+               f"same model compiled for this host) to check the board's output")
+        res.check = {"skipped": why}
     return res
 
 
@@ -714,7 +771,7 @@ def cmd_bench(args) -> int:
             res = bench_remote(args.library, args.tracker, args.key, args.repeat, args.number,
                                timeout=args.timeout, session_timeout=args.session_timeout,
                                emulated=emulated, reference=args.reference, output=args.output,
-                               log=log)
+                               check=not args.no_check, log=log)
         except RemoteError as exc:
             if exc.partial is not None and exc.partial.times_ms:
                 print("\n".join(exc.partial.lines()), flush=True)
@@ -727,7 +784,7 @@ def cmd_bench(args) -> int:
     write_json(res)
     if args.json:
         print(f"wrote     {args.json}")
-    if args.output and getattr(res, "_io", None) is not None:
+    if args.output and res.board_io is not None:
         print(f"wrote     {args.output} (input and board output)")
     if res.check is not None and not res.check.get("skipped") and not res.check["ok"]:
         raise RemoteError(f"the board's output does not match the host run (max |diff| "
@@ -740,17 +797,14 @@ class _Stop(Exception):
     pass
 
 
-def _wait_forever(alive, what: str) -> None:
-    """Block until SIGINT/SIGTERM (then return) or until ``alive()`` is False (then raise)."""
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT / SIGTERM raise :class:`_Stop` inside the block."""
     def _handler(_signum, _frame):
         raise _Stop
     old = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while alive():
-            time.sleep(0.5)
-        raise RemoteError(f"the {what} process exited unexpectedly")
-    except (_Stop, KeyboardInterrupt):
-        return
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -769,21 +823,42 @@ def cmd_tracker(args) -> int:
 
     addr = f"{args.host}:{args.port}"
     print(TRACKER_WARNING.format(addr=addr), file=sys.stderr, flush=True)
+    tracker = None
     try:
-        tracker = Tracker(args.host, port=args.port, port_end=args.port + 1, silent=args.silent)
-    except Exception as exc:  # noqa: BLE001  (raised in TVM's worker process)
-        raise RemoteError(f"cannot start a tracker on {addr}: {_first_line(exc)}") from None
-    print(f"tracker listening on {args.host}:{tracker.port} (stop with Ctrl-C)", flush=True)
-    try:
-        _wait_forever(tracker.proc.is_alive, "tracker")
+        with _stop_on_signals():
+            try:
+                tracker = Tracker(args.host, port=args.port, port_end=args.port + 1,
+                                  silent=args.silent)
+            except _Stop:
+                raise
+            except Exception as exc:  # noqa: BLE001  (raised in TVM's worker process)
+                raise RemoteError(f"cannot start a tracker on {addr}: {_first_line(exc)}") from None
+            print(f"tracker listening on {args.host}:{tracker.port} (stop with Ctrl-C)", flush=True)
+            while tracker.proc.is_alive():
+                time.sleep(0.5)
+            raise RemoteError("the tracker process exited unexpectedly")
+    except _Stop:
+        pass
     finally:
-        try:
-            tracker.terminate()
-        except Exception:  # noqa: BLE001  (e.g. bound to an address 127.0.0.1 cannot reach)
-            pass
+        if tracker is not None and tracker.proc is not None:
+            try:
+                tracker.terminate()
+            except Exception:  # noqa: BLE001  (e.g. bound to an address 127.0.0.1 cannot reach)
+                pass
+            tracker.proc = None                   # (TVM's __del__ would try again)
         kill_process_tree(os.getpid(), include_parent=False)
     print("tracker stopped", flush=True)
     return 0
+
+
+def _server_listed(th: str, tp: int, key: str, port: int) -> bool | None:
+    """Whether the tracker lists a server with ``key`` on ``port`` (None: tracker unreachable)."""
+    try:
+        infos = tracker_summary(th, tp, timeout=5.0).get("server_info", [])
+    except RemoteError:
+        return None
+    return any(i.get("key") == "server:" + key and list(i.get("addr", []))[-1:] == [port]
+               for i in infos)
 
 
 def cmd_board_server(args) -> int:
@@ -792,47 +867,76 @@ def cmd_board_server(args) -> int:
         raise RemoteError("--key must not be empty")
     print(SERVER_WARNING.format(addr=f"{args.host}:{args.port}", user=_user()), file=sys.stderr,
           flush=True)
-    # the tracker may still be starting (boot order): try for a while before giving up
-    t0 = time.time()
-    while True:
+    state = {"server": None}
+
+    def start():
+        from tvm import rpc
+
         try:
-            tracker_summary(th, tp, timeout=5.0)
-            break
-        except RemoteError as exc:
-            if time.time() - t0 > args.wait:
-                raise RemoteError(f"{exc} (tried for {args.wait:g} s)") from None
-            time.sleep(2.0)
+            state["server"] = rpc.Server(args.host, args.port, port_end=args.port + 1,
+                                         tracker_addr=(th, tp), key=args.key, silent=args.silent,
+                                         custom_addr=args.custom_addr)
+        except Exception as exc:  # noqa: BLE001
+            raise RemoteError(f"cannot start a board server on {args.host}:{args.port}: "
+                              f"{_first_line(exc)}") from None
+        return state["server"]
 
-    from tvm import rpc
-
-    try:
-        server = rpc.Server(args.host, args.port, port_end=args.port + 1, tracker_addr=(th, tp),
-                            key=args.key, silent=args.silent, custom_addr=args.custom_addr)
-    except Exception as exc:  # noqa: BLE001
-        raise RemoteError(f"cannot start a board server on {args.host}:{args.port}: "
-                          f"{_first_line(exc)}") from None
-    try:
-        # registration happens in TVM's server thread: report it once the tracker lists it
-        t0 = time.time()
-        while True:
+    def stop():
+        if state["server"] is not None:
             try:
-                infos = tracker_summary(th, tp, timeout=5.0).get("server_info", [])
-            except RemoteError:
-                infos = []
-            if any(i.get("key") == "server:" + args.key and list(i.get("addr", []))[-1:] == [server.port]
-                   for i in infos):
-                break
-            if not server.proc.is_alive():
-                raise RemoteError("the board server process exited unexpectedly")
-            if time.time() - t0 > args.wait:
-                raise RemoteError(f"the board server did not register at tracker {th}:{tp} "
-                                  f"within {args.wait:g} s")
-            time.sleep(0.5)
-        print(f"board server on {args.host}:{server.port} registered at tracker {th}:{tp} as "
-              f"'{args.key}' (stop with Ctrl-C)", flush=True)
-        _wait_forever(server.proc.is_alive, "board server")
-    finally:
+                state["server"].terminate()
+            except Exception:  # noqa: BLE001
+                pass
+            state["server"] = None
         kill_process_tree(os.getpid(), include_parent=False)
+
+    try:
+        with _stop_on_signals():
+            # the tracker may still be starting (boot order): try for a while before giving up
+            t0 = time.time()
+            while True:
+                try:
+                    tracker_summary(th, tp, timeout=5.0)
+                    break
+                except RemoteError as exc:
+                    if time.time() - t0 > args.wait:
+                        raise RemoteError(f"{exc} (tried for {args.wait:g} s)") from None
+                    time.sleep(2.0)
+            server = start()
+            # registration happens in TVM's server thread: report it once the tracker lists it
+            t0 = time.time()
+            while not _server_listed(th, tp, args.key, server.port):
+                if not server.proc.is_alive():
+                    raise RemoteError("the board server process exited unexpectedly")
+                if time.time() - t0 > args.wait:
+                    raise RemoteError(f"the board server did not register at tracker {th}:{tp} "
+                                      f"within {args.wait:g} s")
+                time.sleep(0.5)
+            print(f"board server on {args.host}:{server.port} registered at tracker {th}:{tp} as "
+                  f"'{args.key}' (stop with Ctrl-C)", flush=True)
+            # TVM's server thread ends for good when a client's connection is reset or a session
+            # fails; the tracker then forgets the board.  Start it again when that happens.
+            missing_since = None
+            while True:
+                time.sleep(2.0)
+                listed = _server_listed(th, tp, args.key, server.port)
+                if listed is None or listed:          # tracker down: TVM reconnects by itself
+                    missing_since = None
+                    if server.proc.is_alive():
+                        continue
+                elif missing_since is None:
+                    missing_since = time.time()
+                if server.proc.is_alive() and time.time() - missing_since < args.restart_after:
+                    continue
+                print(f"board server: TVM's RPC server stopped serving (not listed at tracker "
+                      f"{th}:{tp} or exited); restarting it", file=sys.stderr, flush=True)
+                stop()
+                server = start()
+                missing_since = None
+    except _Stop:
+        pass
+    finally:
+        stop()
     print("board server stopped", flush=True)
     return 0
 
@@ -862,6 +966,8 @@ def add_parsers(sub) -> None:
                    help="the board ends the session after this many seconds (default 0: no limit)")
     b.add_argument("--reference", default=None, metavar="HOST.so",
                    help="the same model compiled for this host: check the board's output against it")
+    b.add_argument("--no-check", action="store_true",
+                   help="do not check the board's output against a run here")
     b.add_argument("--emulated", action="store_true",
                    help="the board is emulated (qemu): label its timings as meaningless for speed")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -895,5 +1001,8 @@ def add_parsers(sub) -> None:
                    help="address to report to the tracker (default: as the tracker sees this machine)")
     s.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for the tracker and for registration (default 60)")
+    s.add_argument("--restart-after", type=float, default=10.0,
+                   help="restart TVM's server when the tracker has not listed it for this many "
+                        "seconds (it stops for good after a client vanishes; default 10)")
     s.add_argument("--silent", action="store_true", help="less logging")
     s.set_defaults(func=cmd_board_server)

@@ -78,6 +78,8 @@ class TuneResult:
     trials: int
     seconds: float
     history: list[tuple[float, int, float]] = field(default_factory=list)   # (seconds, trials, total ms)
+    failures: int = 0                 # candidates that failed to build or run
+    first_error: str = ""
 
 
 def _export_with(cc: str):
@@ -88,6 +90,28 @@ def _export_with(cc: str):
         mod.export_library(path, cc=cc)
         return path
     return export
+
+
+def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
+    """MetaSchedule RPC argument allocation that fills the board's tensors with random data made on
+    the host (the default calls ``tvm.contrib.random`` on the board, which a runtime-only TVM lacks)."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(arg):
+        dt = np.dtype(str(arg.dtype))
+        shape = tuple(int(d) for d in arg.shape)
+        if dt.kind == "f":
+            data = rng.standard_normal(shape).astype(dt)
+        else:
+            info = np.iinfo(dt)
+            data = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dt)
+        arg.copyfrom(data)
+
+    del session
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
 def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, stream, t0: float):
@@ -103,8 +127,14 @@ def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, strea
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             self.trials += len(runner_results)
-            for res in runner_results:
-                if res.error_msg is None and res.run_secs:
+            for b, res in zip(builder_results, runner_results):
+                err = b.error_msg or res.error_msg
+                if err:
+                    result.failures += 1
+                    if not result.first_error:
+                        result.first_error = str(err).strip()
+                    continue
+                if res.run_secs:
                     t = sum(float(s) for s in res.run_secs) / len(res.run_secs) * 1e3
                     self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
             total = sum(self.best.values())
@@ -180,7 +210,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         runner = ms.runner.RPCRunner(
             rpc_config=ms.runner.RPCConfig(tracker_host=host or "127.0.0.1", tracker_port=int(port),
                                            tracker_key=key, session_timeout_sec=int(timeout)),
-            evaluator_config=evaluator, max_workers=1)
+            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host)
     else:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator)
     database = ms.database.JSONDatabase(work_dir=work_dir)

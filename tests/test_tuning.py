@@ -73,3 +73,30 @@ def test_tune_for_a_board_needs_a_tracker(tuned, tmp_path, capsys):
     model, _ = tuned
     assert cli.main(["tune", model, "--target", "rpi4", "--work-dir", str(tmp_path / "w")]) == 2
     assert "--tracker" in capsys.readouterr().err
+
+
+def test_tune_over_the_tracker_on_the_emulated_board(emulated_board, tmp_path, capsys):
+    """`tune --tracker --key`: candidates are cross-linked on the host and measured on the (emulated)
+    board; the tuned rpi5 library then runs on the board and matches the host build."""
+    import json
+    import re
+
+    model = _one_conv_model(str(tmp_path / "one.onnx"))
+    work = str(tmp_path / "db")
+    assert cli.main(["tune", model, "--target", "rpi5", "--work-dir", work, "--trials", "2",
+                     "--trials-per-iter", "2", "--block", "8", "--first-layer", "dsconv",
+                     "--tracker", emulated_board.tracker, "--key", emulated_board.key,
+                     "--timeout", "180"]) == 0
+    tune_err = capsys.readouterr().err
+    assert "candidates failed" not in tune_err, tune_err[-2000:]
+    records = [json.loads(line) for line in open(os.path.join(work, "database_tuning_record.json"))]
+    assert records
+    so, ref = str(tmp_path / "t_rpi5.so"), str(tmp_path / "t_x86.so")
+    common = ["--block", "8", "--first-layer", "dsconv", "--no-check"]
+    assert cli.main(["compile", model, "--target", "rpi5", "-o", so, "--tuning-db", work, *common]) == 0
+    assert "1 of 1 DSConv layers tuned" in capsys.readouterr().out
+    assert cli.main(["compile", model, "--target", "x86", "-o", ref, *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["bench", so, "--tracker", emulated_board.tracker, "--key", emulated_board.key,
+                     "--repeat", "1", "--number", "1", "--reference", ref]) == 0
+    assert re.search(r"check .*argmax same: OK", capsys.readouterr().out)
