@@ -150,6 +150,19 @@ def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, strea
     return Progress()
 
 
+def _quiet_metaschedule_console() -> None:
+    """MetaSchedule prints its task tables on stdout at INFO; keep them in WORK_DIR/logs only.  Its
+    console handler takes the level of the "tvm.s_tir.meta_schedule" logger when it is configured,
+    and re-configuring fails on handlers without a name (e.g. from an earlier run in this process)."""
+    import logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.setLevel(logging.WARNING)
+    for handler in list(logger.handlers):
+        if handler.get_name() is None:
+            logger.removeHandler(handler)
+
+
 def _flops(mod) -> float:
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -195,12 +208,9 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     extracted = [t for t, f in zip(extracted, flops) if f >= 0.01 * top]
     names = [t.task_name for t in extracted]
     log(f"{len(extracted)} tasks ({sum(1 for n in names if 'dsconv' in n)} DSConv): {', '.join(names)}")
+    _quiet_metaschedule_console()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, work_dir, seed=seed, num_threads=max(1, os.cpu_count() or 1))
-    import logging
-    for name in list(logging.root.manager.loggerDict):        # MetaSchedule's tables go to the logs
-        if name.startswith("tvm.s_tir.meta_schedule"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
     builder = ms.builder.LocalBuilder(initializer=cpu_intrinsics_only, timeout_sec=120,
                                       **({"f_export": export} if export else {}))
