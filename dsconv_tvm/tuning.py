@@ -150,6 +150,28 @@ def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, strea
     return Progress()
 
 
+def _wait_for_board(tracker: str, key: str, timeout: float) -> tuple[str, int]:
+    """Wait (up to ``timeout`` s) until a board with ``key`` is free at the tracker; one clear error
+    otherwise (MetaSchedule would only record every candidate as failed)."""
+    from .remote import RemoteError, parse_address, registered_keys, tracker_summary
+
+    host, port = parse_address(tracker, "--tracker")
+    t0 = time.time()
+    keys: dict = {}
+    while True:
+        try:
+            keys = registered_keys(tracker_summary(host, port, timeout=min(10.0, timeout)))
+        except RemoteError as exc:
+            raise TargetError(f"tracker {tracker} is not reachable: {exc}") from exc
+        if keys.get(key):
+            return host, port
+        if time.time() - t0 > timeout:
+            listed = ", ".join(sorted(keys)) or "none"
+            raise TargetError(f"no free board with key '{key}' at tracker {tracker} after {timeout:.0f} s "
+                              f"(free keys: {listed})")
+        time.sleep(0.5)
+
+
 def _quiet_metaschedule_console() -> None:
     """MetaSchedule prints its task tables on stdout at INFO; keep them in WORK_DIR/logs only.  Its
     console handler takes the level of the "tvm.s_tir.meta_schedule" logger when it is configured,
@@ -216,9 +238,9 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                                       **({"f_export": export} if export else {}))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if tracker:
-        host, _, port = tracker.rpartition(":")
+        host, port = _wait_for_board(tracker, key, timeout)
         runner = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(tracker_host=host or "127.0.0.1", tracker_port=int(port),
+            rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                            tracker_key=key, session_timeout_sec=int(timeout)),
             evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host)
     else:

@@ -75,7 +75,46 @@ def test_tune_for_a_board_needs_a_tracker(tuned, tmp_path, capsys):
     assert "--tracker" in capsys.readouterr().err
 
 
-def test_tune_over_the_tracker_on_the_emulated_board(emulated_board, tmp_path, capsys):
+@pytest.fixture
+def own_emulated_board(tmp_path):
+    """A tracker and an emulated board of this test's own (the session's are shared with the fault
+    tests of test_remote.py, which stop and freeze boards)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from conftest import _cli, _free_port, _load_emulated_board_tool, _start
+    from dsconv_tvm.remote import RemoteError, kill_process_tree, tracker_summary
+
+    tool = _load_emulated_board_tool()
+    try:
+        tool.check_qemu()
+    except tool.BoardSetupError as exc:
+        pytest.skip(str(exc))
+    board = tool.ensure_board()
+    port = _free_port()
+    tracker = _start([*_cli(), "tracker", "--port", str(port)], tmp_path / "tracker.log")
+    procs = [tracker]
+    try:
+        for _ in range(120):
+            try:
+                tracker_summary("127.0.0.1", port, timeout=2)
+                break
+            except RemoteError:
+                import time
+                time.sleep(0.5)
+        address = f"127.0.0.1:{port}"
+        with open(tmp_path / "board.log", "w") as fh:
+            procs.append(tool.start_board_server(board, address, "rpi-emu-tune", port=_free_port(),
+                                                 stdout=fh, stderr=subprocess.STDOUT))
+        tool.wait_registered(address, "rpi-emu-tune", timeout=240, proc=procs[-1])
+        yield SimpleNamespace(tracker=address, key="rpi-emu-tune")
+    finally:
+        for proc in reversed(procs):
+            kill_process_tree(proc.pid)
+
+
+def test_tune_over_the_tracker_on_the_emulated_board(own_emulated_board, tmp_path, capsys):
+    emulated_board = own_emulated_board
     """`tune --tracker --key`: candidates are cross-linked on the host and measured on the (emulated)
     board; the tuned rpi5 library then runs on the board and matches the host build."""
     import json
