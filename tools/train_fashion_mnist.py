@@ -224,6 +224,18 @@ def _optimize_keep_batchnorm(model) -> None:
         p(model)
 
 
+def strip_export_metadata(proto) -> None:
+    """Drop the exporter's per-node/-value metadata (stack traces with this machine's paths, FX names):
+    the committed models hold the graph and the weights only."""
+    graph = proto.graph
+    for items in (graph.node, graph.initializer, graph.input, graph.output, graph.value_info):
+        for item in items:
+            del item.metadata_props[:]
+            item.doc_string = ""
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+
+
 def export_onnx(model: nn.Module, path: str) -> None:
     """Export with the dynamo exporter (dynamic batch), keep BN nodes, write one self-contained ONNX file."""
     import onnx
@@ -237,6 +249,7 @@ def export_onnx(model: nn.Module, path: str) -> None:
                                 dynamic_shapes={"x": {0: batch}}, verbose=False)
     _optimize_keep_batchnorm(program.model)
     proto = ir.serde.serialize_model(program.model)  # every initializer inline: one file
+    strip_export_metadata(proto)
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise RuntimeError(f"{tensor.name} still has external data")
