@@ -199,7 +199,7 @@ def _readme(target: str, arch: str, so: str, shapes: dict, dirname: str) -> str:
             f"   scp -r ../{dirname} pi@raspberrypi.local:",
             f"   ssh pi@raspberrypi.local 'cd {dirname} && ./build-{arch}/dsconv_run ./{so} sample_input.npy'",
             "",
-            f"   Try it on the PC under qemu (apt install qemu-user-static; timings are meaningless):",
+            "   Try it on the PC under qemu (apt install qemu-user-static; timings are meaningless):",
             "",
             f"   QEMU_LD_PREFIX=/usr/{_CROSS_PREFIX[arch]} LD_LIBRARY_PATH=$PWD/lib \\",
             f"     {_QEMU[arch]} ./build-{arch}/dsconv_run ./{so} sample_input.npy",

@@ -10,12 +10,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from .errors import DSConvError, ModelError, NumericsError, OutputError
+from .errors import DSConvError, ModelError, NumericsError
+from .outputs import atomic_write, check_output_path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -145,7 +145,7 @@ def format_summary(result) -> str:
     cfg = result.config
     rep = result.report
     lines = [f"target    {result.target}",
-             f"inputs    " + ", ".join(f"{k} {v}" for k, v in result.input_shapes.items()),
+             "inputs    " + ", ".join(f"{k} {v}" for k, v in result.input_shapes.items()),
              f"scheme    W{cfg.bits} B={cfg.block} m={cfg.mantissa} (fit {cfg.fit}, scales {cfg.scale_dtype}, "
              f"first layer {cfg.first_layer}, depthwise {cfg.depthwise})"]
     if result.folded_bn:
@@ -160,7 +160,7 @@ def format_summary(result) -> str:
         sq = f"{layer.sqnr_db:8.2f}" if layer.converted else f"{'-':>8}"
         note = "+".join(layer.fused) if layer.converted else layer.reason
         if layer.converted and result.tuned_functions:
-            note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer.name, result) else "[default]")
+            note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer, result) else "[default]")
         lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {mant:<9} {sq} "
                      f"{_fmt_bytes(layer.fp32_bytes):>9} {_fmt_bytes(layer.deployed_bytes):>9}  {note}")
     fp32 = sum(layer.fp32_bytes for layer in rep.layers)
@@ -172,7 +172,7 @@ def format_summary(result) -> str:
                      f"({dep / max(fp32, 1):.3f}x); converted layers alone {conv_dep / max(conv_fp32, 1):.3f}x")
     for note in result.notes:
         lines.append(note)
-    tuned = sum(_layer_tuned(layer.name, result) for layer in rep.converted)
+    tuned = sum(_layer_tuned(layer, result) for layer in rep.converted)
     lines.append(f"schedules {result.schedules}: {tuned} of {len(rep.converted)} DSConv layers tuned, "
                  f"{len(rep.converted) - tuned} with the default schedule")
     a = result.agreement
@@ -185,9 +185,8 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
-def _layer_tuned(name: str, result) -> bool:
-    from .transform import _ident
-    return f"dsconv_{_ident(name)}" in result.tuned_functions
+def _layer_tuned(layer, result) -> bool:
+    return layer.func_name in result.tuned_functions
 
 
 def report_json(result) -> dict:
@@ -202,28 +201,6 @@ def report_json(result) -> dict:
     }
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory, suffix=os.path.basename(path))
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
-
-
 def cmd_compile(args) -> int:
     from .compiler import compile_model
     from .frontend import parse_input_shapes
@@ -236,7 +213,6 @@ def cmd_compile(args) -> int:
         bundle = prepare_bundle(args.bundle, args.target, force=args.force, output=args.output,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.report_json:
-        from .compiler import check_output_path
         check_output_path(args.report_json)
     result = compile_model(args.model, args.target, args.output, config, shapes,
                            check=not args.no_check,
@@ -248,7 +224,7 @@ def cmd_compile(args) -> int:
     print(format_summary(result))
     if args.report_json:
         data = json.dumps(report_json(result), indent=2).encode()
-        _atomic_write(args.report_json, lambda f: f.write(data))
+        atomic_write(args.report_json, lambda f: f.write(data))
     if bundle is not None:
         print(f"bundle    {bundle.write(result.output, result.input_shapes)}")
     return EXIT_OK
@@ -285,22 +261,14 @@ def cmd_tune(args) -> int:
 
 def cmd_run(args) -> int:
     import tvm
-    from tvm import relax
 
-    from .targets import elf_machine
+    from .evaluate import load_library
+    from .targets import host_machine, library_machine
 
-    lib_path = os.path.abspath(args.library)
-    if not os.path.isfile(lib_path):
-        raise ModelError(f"{args.library}: no such file")
+    machine = library_machine(args.library)
     if args.output:
-        from .compiler import check_output_path
         check_output_path(args.output)          # fail before running, not after
-    try:
-        machine = elf_machine(lib_path)
-    except ValueError as exc:
-        raise ModelError(f"{args.library}: not a compiled .so ({exc})") from exc
-    import platform
-    host = {"x86_64": "x86-64", "aarch64": "AArch64", "armv7l": "ARM"}.get(platform.machine(), "?")
+    host = host_machine()
     if machine != host:
         raise ModelError(f"{args.library} is an {machine} library; `run` executes libraries built for "
                          f"this host ({host}) only")
@@ -317,14 +285,7 @@ def cmd_run(args) -> int:
     if not np.all(np.isfinite(x)):
         idx = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
         raise NumericsError(f"{args.input}: contains {x[idx]} at index {idx}; inputs must be finite")
-    try:
-        ex = tvm.runtime.load_module(lib_path)
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-    except Exception as exc:
-        raise ModelError(f"{args.library}: cannot be loaded as a TVM Relax library ({exc})") from exc
-    shape = _compiled_input_shape(vm)
-    if shape is None:
-        raise ModelError(f"{args.library}: has no dsconv_input_shapes function (not built by dsconv-tvm)")
+    vm, shape = load_library(args.library)
     batch = shape[0]
     if x.ndim == len(shape) - 1 and list(x.shape) == list(shape[1:]):
         x = x[None]
@@ -339,7 +300,7 @@ def cmd_run(args) -> int:
     secs = time.perf_counter() - t0
     y = np.concatenate(outs, axis=0)
     if args.output:
-        _atomic_write(args.output, lambda f: np.save(f, y))
+        atomic_write(args.output, lambda f: np.save(f, y))
         print(f"wrote {args.output} {list(y.shape)} ({x.shape[0]} samples, {secs * 1e3:.1f} ms)")
         return EXIT_OK
     flat = y.reshape(y.shape[0], -1)
@@ -349,15 +310,6 @@ def cmd_run(args) -> int:
         print(f"sample {n}: " + "  ".join(f"{int(c)}:{row[c]:.4f}" for c in top))
     print(f"{x.shape[0]} samples in {secs * 1e3:.1f} ms", file=sys.stderr)
     return EXIT_OK
-
-
-def _compiled_input_shape(vm):
-    try:
-        shapes = vm["dsconv_input_shapes"]()
-    except Exception:  # noqa: BLE001  (no such function)
-        return None
-    first = shapes[0] if not hasattr(shapes, "__int__") else shapes
-    return [int(d) for d in first]
 
 
 def cmd_runtime_info(args) -> int:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import DSConvConfig
-from .errors import ModelError, OutputError
+from .errors import ModelError
+from .outputs import check_output_path
 from .frontend import LoadedModel, load_onnx, to_relax
 from .targets import TargetSpec, get_target
 from .transform import ConversionReport, DSConvRewrite
@@ -62,9 +63,13 @@ def build_relax(loaded: LoadedModel, config: DSConvConfig | None):
     mod = _with_input_shapes(to_relax(loaded), loaded)
     if config is None:
         return mod, ConversionReport()
+    return rewrite_dsconv(mod, loaded, config)
+
+
+def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig):
+    """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report)."""
     rewrite = DSConvRewrite(config, loaded.conv_names)
-    mod = rewrite(mod)
-    return mod, rewrite.report
+    return rewrite(fp32_mod), rewrite.report
 
 
 def _with_input_shapes(mod, loaded: LoadedModel):
@@ -93,7 +98,7 @@ def run_executable(ex, inputs: list[np.ndarray]) -> np.ndarray:
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs])
-    if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and not hasattr(out, "numpy"):
+    if not hasattr(out, "numpy"):          # a tuple of outputs: the first
         out = out[0]
     return out.numpy()
 
@@ -136,16 +141,6 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, where: str) -> Agreement:
     return Agreement(diff, rel, top1, where)
 
 
-def check_output_path(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise OutputError(f"cannot write {path}: directory {directory} is not writable")
-
-
 def compile_model(model_path: str, target: str, output: str, config: DSConvConfig | None = None,
                   input_shapes: dict | None = None, check: bool = True, log=None,
                   tuning_db: str | None = None) -> CompileResult:
@@ -163,7 +158,8 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
                          f"nodes are: {', '.join(loaded.conv_names) or '(none)'}")
     log(f"loaded {model_path}: inputs {loaded.input_shapes}, {len(loaded.conv_names)} Conv nodes, "
         f"{len(loaded.folded_bn)} BatchNormalization folded")
-    mod, report = build_relax(loaded, config)
+    fp32_mod, _ = build_relax(loaded, None)
+    mod, report = rewrite_dsconv(fp32_mod, loaded, config)
     log(f"rewrote {len(report.converted)} of {len(report.layers)} convs to DSConv; compiling for {spec.name}")
     from .tuning import find_database
     database, where = find_database(spec.name, tuning_db)
@@ -175,18 +171,17 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     if not report.layers:
         result.notes.append("warning: the model has no convolution; it was compiled without DSConv layers")
     if check:
-        result.agreement = _agreement(loaded, spec, output, mod)
+        result.agreement = _agreement(loaded, spec, output, mod, fp32_mod)
     result.seconds = time.time() - t0
     return result
 
 
-def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod) -> Agreement:
+def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod) -> Agreement:
     """fp32 (TVM, host) vs DSConv on a sample input."""
     import tvm
 
     host = get_target("x86")
     inputs = sample_inputs(loaded)
-    fp32_mod, _ = build_relax(loaded, None)
     ref = run_executable(build(fp32_mod, host), inputs)
     if spec.runs_here():
         out = run_executable(tvm.runtime.load_module(os.path.abspath(output)), inputs)

@@ -15,8 +15,13 @@ def load_library(path: str):
     import tvm
     from tvm import relax
 
-    ex = tvm.runtime.load_module(os.path.abspath(path))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
+    try:
+        ex = tvm.runtime.load_module(os.path.abspath(path))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+    except Exception as exc:  # noqa: BLE001  (TVM's loader errors)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ModelError(f"{path}: cannot be loaded as a TVM Relax library "
+                         f"({lines[-1] if lines else type(exc).__name__})") from exc
     try:
         shapes = vm["dsconv_input_shapes"]()
         shape = [int(d) for d in shapes[0]]
@@ -53,16 +58,26 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def latency_ms(path: str, repeat: int = 30, number: int = 5, seed: int = 0) -> dict:
-    """Median / min / max milliseconds of one ``main`` call (TVM's time_evaluator: ``number`` calls
-    averaged per measurement, ``repeat`` measurements, after a warm-up call)."""
+def bench_input(shape, seed: int = 0) -> np.ndarray:
+    """The (image-like, uniform [0, 1)) input the latency measurements use."""
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def time_main(vm, x: np.ndarray, repeat: int, number: int) -> tuple[np.ndarray, list[float]]:
+    """Run ``main`` on ``x`` once (warm-up; its output is returned), then TVM's time_evaluator:
+    ``repeat`` measurements of ``number`` calls each, in milliseconds per call."""
     import tvm
 
-    vm, shape = load_library(path)
-    x = tvm.runtime.tensor(np.random.default_rng(seed).random(shape).astype(np.float32))
-    vm["main"](x)
-    vm.set_input("main", x)
+    tx = tvm.runtime.tensor(x)
+    y = vm["main"](tx).numpy()
+    vm.set_input("main", tx)
     res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=number, repeat=repeat)("main")
-    times = [t * 1e3 for t in res.results]
+    return y, [t * 1e3 for t in res.results]
+
+
+def latency_ms(path: str, repeat: int = 30, number: int = 5, seed: int = 0) -> dict:
+    """Median / min / max milliseconds of one ``main`` call (see :func:`time_main`)."""
+    vm, shape = load_library(path)
+    _, times = time_main(vm, bench_input(shape, seed), repeat, number)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "repeat": repeat, "number": number}

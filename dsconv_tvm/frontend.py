@@ -57,7 +57,6 @@ def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch
     """Load, check and prepare an ONNX model.  Symbolic input dimensions default to ``batch``
     for the first axis; other symbolic dimensions must be given in ``input_shapes``."""
     import onnx
-    from onnx import numpy_helper
 
     if not os.path.exists(path):
         raise ModelError(f"{path}: no such file")
@@ -122,7 +121,6 @@ def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch
                                      f"{axis}; give it with --input-shapes \"{inp.name}:[...]\"")
             shapes[inp.name] = fixed
     conv_names = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    del numpy_helper
     return LoadedModel(path, model, shapes, dtypes, conv_names, folded)
 
 
@@ -141,7 +139,7 @@ def _name_nodes(model) -> None:
 def fold_conv_batchnorm(model) -> list[str]:
     """Fold every BatchNormalization that is the only consumer of a Conv with constant weights
     into that Conv (exactly: W' = W * a, b' = (b - mean) * a + beta).  Edits ``model`` in place."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -185,7 +183,6 @@ def fold_conv_batchnorm(model) -> list[str]:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    del helper
     return folded
 
 

@@ -4,6 +4,7 @@ One PrimFunc does the whole layer, so the activations are quantized *inside the 
 from the real input:
 
 1. ``amax``   max |x| over each block of channels, per pixel                      (float32)
+   ``bfp_e``  the block's shared exponent, from the bits of that float (int32, exact)
 2. ``bfp_m``  integer mantissas, stored padded (channels to G*Bp, pixels to the conv padding)
    ``bfp_s``  the block scales 2^(e - f), exact powers of two built from exponent bits
 3. ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap,
@@ -114,14 +115,15 @@ def pack_scales(xi: np.ndarray, scale_dtype: str) -> np.ndarray:
     return np.ascontiguousarray(xi.transpose(1, 2, 3, 0).astype(scale_dtype))
 
 
-def _pow2(tvm, exponent):
+def _pow2(exponent):
     """2^exponent as an exact float32 built from its bits (exponent an int32 expr in [-126, 127])."""
-    return tvm.tirx.reinterpret("float32", (exponent + 127) << 23)
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", (exponent + 127) << 23)
 
 
 def dsconv_te(layer: DSConvLayer):
     """TE tensors of one DSConv layer: returns (inputs, output) for ``te.create_prim_func``."""
-    import tvm
     from tvm import te, tirx
 
     n, c, h, w = layer.in_shape
@@ -156,10 +158,12 @@ def dsconv_te(layer: DSConvLayer):
     amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
                       name="amax")
 
-    def _exponent(nn, gg, yy, xx):
+    def _exponent_of_amax(nn, gg, yy, xx):
         bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
         e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
         return tirx.max(tirx.min(e, E_MAX), E_MIN)
+
+    bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name="bfp_e")   # once per block and pixel
 
     def _in_image(yy, xx):
         return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
@@ -168,16 +172,15 @@ def dsconv_te(layer: DSConvLayer):
         return tirx.max(tirx.min(v, size - 1), 0)
 
     def _scale(nn, gg, yy, xx):
-        e = _exponent(nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w))
-        return tirx.if_then_else(_in_image(yy, xx), _pow2(tvm, e - f), zero)
+        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
+        return tirx.if_then_else(_in_image(yy, xx), _pow2(e - f), zero)
 
     bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s")
 
     def _mantissa(nn, gg, k, yy, xx):
         ch = gg * bsz + k
         y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
-        e = _exponent(nn, gg, y0, x0)
-        val = x[nn, tirx.min(ch, c - 1), y0, x0] * _pow2(tvm, f - e)
+        val = x[nn, tirx.min(ch, c - 1), y0, x0] * _pow2(f - bfp_e[nn, gg, y0, x0])
         q = tirx.max(tirx.min(tirx.nearbyint(val), float(hi)), float(lo))
         ok = tirx.all(_in_image(yy, xx), k < bsz, ch < c)
         return tirx.if_then_else(ok, q, zero).astype(layer.mantissa_dtype)

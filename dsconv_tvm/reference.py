@@ -30,7 +30,7 @@ class ConvGeometry:
         return oh, ow
 
 
-def _windows(a: np.ndarray, geom: ConvGeometry, kh: int, kw: int, oh: int, ow: int, i: int, j: int):
+def _windows(a: np.ndarray, geom: ConvGeometry, oh: int, ow: int, i: int, j: int):
     """a[..., i*dh + p*sh, j*dw + q*sw] for all output pixels (p, q) of tap (i, j)."""
     sh, sw = geom.strides
     dh, dw = geom.dilation
@@ -69,8 +69,8 @@ def dsconv2d(x: np.ndarray, q: np.ndarray, xi: np.ndarray, block: int, mantissa:
     y = np.zeros((n, co, oh, ow), np.float32)
     for i in range(kh):
         for j in range(kw):
-            mw = _windows(m, geom, kh, kw, oh, ow, i, j).astype(np.int64)   # N, G*B, OH, OW
-            sw = _windows(s, geom, kh, kw, oh, ow, i, j)                     # N, G, OH, OW
+            mw = _windows(m, geom, oh, ow, i, j).astype(np.int64)   # N, G*B, OH, OW
+            sw = _windows(s, geom, oh, ow, i, j)                     # N, G, OH, OW
             mb = mw.reshape(n, g, block, oh, ow)
             wb = qp[:, :, i, j].reshape(co, g, block)
             acc = np.einsum("ngbpq,ogb->nogpq", mb, wb, optimize=True)      # exact integers

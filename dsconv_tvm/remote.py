@@ -53,6 +53,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DSConvError, ModelError
+from .evaluate import bench_input
+from .outputs import atomic_write, check_output_path
+from .targets import host_machine, library_machine
 
 __all__ = ["RemoteError", "BenchResult", "add_parsers", "bench_local", "bench_remote",
            "compare_outputs", "parse_address", "tracker_summary", "registered_keys",
@@ -135,22 +138,6 @@ def _explain(msg: str) -> str:
             or "Connection reset" in msg or "socket" in msg.lower():
         return f"the connection to the board was lost: it died or was stopped ({msg})"
     return msg
-
-
-def _host_machine() -> str:
-    return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "AArch64", "arm64": "AArch64",
-            "armv7l": "ARM"}.get(platform.machine().lower(), platform.machine())
-
-
-def _library_machine(path: str, what: str = "library") -> str:
-    from .targets import elf_machine
-
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such file")
-    try:
-        return elf_machine(path)
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{path}: not a compiled .so ({exc})") from exc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,17 +321,13 @@ def compare_outputs(got: np.ndarray, ref: np.ndarray) -> dict:
             "argmax_equal": same, "argmax": [int(a) for a in am_got]}
 
 
-def _bench_input(shape, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).random(shape).astype(np.float32)
-
-
 def _check_against(reference: str, what: str, x: np.ndarray, y: np.ndarray, shape) -> dict:
     from .evaluate import load_library, predict
 
-    machine = _library_machine(reference, "--reference")
-    if machine != _host_machine():
+    machine = library_machine(reference)
+    if machine != host_machine():
         raise ModelError(f"--reference {reference} is an {machine} library; it must be built for "
-                         f"this host ({_host_machine()}), e.g. with --target x86")
+                         f"this host ({host_machine()}), e.g. with --target x86")
     _vm, ref_shape = load_library(reference)
     if shape is not None and list(ref_shape) != list(shape):
         raise ModelError(f"--reference {reference} has input shape {ref_shape} but the benchmarked "
@@ -361,28 +344,17 @@ def _check_against(reference: str, what: str, x: np.ndarray, y: np.ndarray, shap
 def bench_local(library: str, repeat: int = 30, number: int = 5, seed: int = 0,
                 reference: str | None = None) -> BenchResult:
     """Time a host ``.so`` here (TVM's time_evaluator, after a warm-up call)."""
-    import tvm
+    from .evaluate import load_library, time_main
 
-    from .evaluate import load_library
-
-    machine = _library_machine(library)
-    if machine != _host_machine():
+    machine = library_machine(library)
+    if machine != host_machine():
         raise ModelError(f"{library} is an {machine} library: benchmark it on a board with "
                          f"--tracker HOST:PORT --key KEY")
-    try:
-        vm, shape = load_library(library)
-    except DSConvError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"{library}: cannot be loaded as a TVM Relax library ({_first_line(exc)})") from exc
+    vm, shape = load_library(library)
     res = BenchResult(library=os.path.abspath(library), mode="local", repeat=repeat, number=number,
                       input_shape=list(shape))
-    x = _bench_input(shape, seed)
-    tx = tvm.runtime.tensor(x)
-    y = vm["main"](tx).numpy()
-    vm.set_input("main", tx)
-    timer = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=number, repeat=repeat)
-    res.times_ms = [t * 1e3 for t in timer("main").results]
+    x = bench_input(shape, seed)
+    y, res.times_ms = time_main(vm, x, repeat, number)
     res.complete = True
     if reference:
         res.check = _check_against(reference, f"output vs host run of {reference}", x, y, shape)
@@ -434,7 +406,7 @@ def _worker_session(params: dict, emit, state: dict) -> None:
         state["stage"] = f"running {params['reference']} here (the reference)"
         emit("reference")
         ref_vm, ref_shape = load_library(params["reference"])
-        x = _bench_input(ref_shape, params["seed"])
+        x = bench_input(ref_shape, params["seed"])
         ref = ref_vm["main"](tvm.runtime.tensor(x)).numpy()
         del ref_vm
     emit("ready")
@@ -460,7 +432,7 @@ def _worker_session(params: dict, emit, state: dict) -> None:
                          f"the benchmarked library has {list(shape)}: not the same model")
     state["stage"] = "running the model"
     if x is None:
-        x = _bench_input(shape, params["seed"])
+        x = bench_input(shape, params["seed"])
     rx = tvm.runtime.tensor(x, device=dev)
     y = vm["main"](rx).numpy()
     np.savez(params["output_file"], x=x, y=y, **({} if ref is None else {"ref": ref}))
@@ -587,18 +559,18 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
     log = log or (lambda _m: None)
     t_start = time.time()
     th, tp = parse_address(tracker, "--tracker")
-    machine = _library_machine(library)
+    machine = library_machine(library)
     if emulated is None:
         emulated = "emu" in key.lower()
     auto_reference = False
     if not check:
         reference = None
     if reference:
-        ref_machine = _library_machine(reference)
-        if ref_machine != _host_machine():
+        ref_machine = library_machine(reference)
+        if ref_machine != host_machine():
             raise ModelError(f"--reference {reference} is an {ref_machine} library; it must be built "
-                             f"for this host ({_host_machine()}), e.g. with --target x86")
-    elif check and machine == _host_machine():
+                             f"for this host ({host_machine()}), e.g. with --target x86")
+    elif check and machine == host_machine():
         reference, auto_reference = library, True
 
     # fast checks without TVM: the tracker answers, and a board with this key is registered
@@ -719,28 +691,14 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
     return res
 
 
-def _check_output_path(path: str) -> None:
-    from .errors import OutputError
-
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-
-
 def _write_npz(path: str, x: np.ndarray, y: np.ndarray) -> None:
-    from .cli import _atomic_write
-
-    _atomic_write(path, lambda f: np.savez(f, input=x, output=y))
+    atomic_write(path, lambda f: np.savez(f, input=x, output=y))
 
 
 # ------------------------------------------------------------------------------------------------
 # the verbs
 # ------------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from .cli import _atomic_write
-
     if args.repeat < 1 or args.number < 1:
         raise RemoteError("--repeat and --number must be >= 1")
     if args.timeout <= 0:
@@ -749,7 +707,7 @@ def cmd_bench(args) -> int:
         raise RemoteError("--key needs --tracker HOST:PORT")
     for path in (args.json, args.output):
         if path:
-            _check_output_path(path)
+            check_output_path(path)
 
     def log(msg):
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -757,7 +715,7 @@ def cmd_bench(args) -> int:
     def write_json(res):
         if args.json and res is not None:
             data = json.dumps(res.to_json(), indent=2).encode()
-            _atomic_write(args.json, lambda f: f.write(data))
+            atomic_write(args.json, lambda f: f.write(data))
 
     if not args.tracker:
         if args.output:

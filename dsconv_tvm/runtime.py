@@ -166,7 +166,7 @@ def _host_runtime() -> RuntimeDir:
             "versions": installed_versions()}
     if not (_links_ok(path, links) and _read_meta(path) == meta
             and (path / "share" / "licenses").is_dir()):
-        with _locked(path):
+        with cache_lock(path):
             (path / "lib").mkdir(parents=True, exist_ok=True)
             for rel, dest in links.items():
                 link = path / rel
@@ -218,7 +218,7 @@ def _wheel_runtime(arch: str, log) -> RuntimeDir:
     if _complete(path, versions):
         _ensure_cmake_config(path, arch)
         return RuntimeDir(arch, path, source)
-    with _locked(path):
+    with cache_lock(path):
         if _complete(path, versions):  # another process finished it while we waited
             return RuntimeDir(arch, path, source)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +304,7 @@ def _user_runtime(arch: str, target: str) -> RuntimeDir:
     headers (architecture independent) are copied from the installed tvm-ffi wheel."""
     path = cache_root() / "runtime" / arch
     if all((path / "lib" / n).is_file() for n in LIBRARIES):
-        with _locked(path):
+        with cache_lock(path):
             if not (path / "include" / "tvm" / "ffi" / "function.h").is_file():
                 inc, _, _ = _installed_paths()
                 shutil.copytree(inc, path / "include", dirs_exist_ok=True,
@@ -403,8 +403,8 @@ def _write_meta(path: Path, meta: dict) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock per runtime directory (parallel test runs / two compiles at once)."""
+def cache_lock(path: Path):
+    """An exclusive lock per cache directory (parallel test runs / two compiles at once)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)

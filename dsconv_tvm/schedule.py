@@ -20,7 +20,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
-DSCONV_BLOCKS = ("amax", "bfp_s", "bfp_m", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
+DSCONV_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
 
 
 def _largest_divisor(n: int, candidates) -> int:
@@ -101,20 +101,15 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
     sch.decompose_reduction(out_blk, rg)
 
     # activation quantization: parallel over (image, block, row); vectorized along rows
-    for name in ("amax", "bfp_s", "bfp_m"):
-        blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
-        if name == "amax":
-            n1, g1, y1, x1, r1 = loops
-            sch.reorder(n1, g1, y1, r1, x1)
-            sch.parallel(sch.fuse(n1, g1, y1))
-            sch.decompose_reduction(blk, r1)
-        elif name == "bfp_s":
-            sch.parallel(sch.fuse(*loops[:3]))
-            sch.vectorize(loops[-1])
-        else:
-            sch.parallel(sch.fuse(*loops[:3]))
-            sch.vectorize(loops[-1])
+    amax = sch.get_sblock("amax")
+    n1, g1, y1, x1, r1 = sch.get_loops(amax)
+    sch.reorder(n1, g1, y1, r1, x1)
+    sch.parallel(sch.fuse(n1, g1, y1))
+    sch.decompose_reduction(amax, r1)
+    for name in ("bfp_e", "bfp_s", "bfp_m"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(sch.fuse(*loops[:3]))
+        sch.vectorize(loops[-1])
     return sch
 
 

@@ -390,6 +390,24 @@ def host_features() -> dict[str, bool]:
 # --------------------------------------------------------------------------------------------------
 # ELF
 # --------------------------------------------------------------------------------------------------
+def host_machine() -> str:
+    """This machine in :func:`elf_machine`'s words ("x86-64", "AArch64", "ARM")."""
+    return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "AArch64", "arm64": "AArch64",
+            "armv7l": "ARM"}.get(platform.machine().lower(), platform.machine())
+
+
+def library_machine(path: str) -> str:
+    """The ELF machine of a compiled library; a ModelError if it is missing or not ELF."""
+    from .errors import ModelError
+
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such file")
+    try:
+        return elf_machine(path)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path}: not a compiled .so ({exc})") from exc
+
+
 def elf_machine(path: str) -> str:
     """The machine of an ELF file: "x86-64", "AArch64", "ARM" (others: "EM_0x<hex>").
 

@@ -46,6 +46,7 @@ class LayerReport:
     quantized: object = None          # the QuantizedWeight (for references), when converted
     bias: np.ndarray | None = None
     activation: str = "none"
+    func_name: str = ""               # the PrimFunc the layer calls, when converted
 
 
 @dataclass
@@ -91,7 +92,7 @@ def _is_call(expr, op_name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name
 
 
-def _nonneg_vars(func: relax.Function, bindings: dict) -> set:
+def _nonneg_vars(bindings: dict) -> set:
     """Vars whose values are provably >= 0 (ReLU outputs and what only moves/pools them)."""
     nonneg = set()
     for var, value in bindings.items():
@@ -150,20 +151,24 @@ class DSConvRewrite:
 
     # -- analysis ---------------------------------------------------------------------------
     def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
-        bindings, uses, order = {}, {}, []
+        bindings, uses, users, order = {}, {}, {}, []
 
-        def count(expr):
-            if isinstance(expr, relax.Var):
-                uses[expr] = uses.get(expr, 0) + 1
+        def counter(user):
+            def count(expr):
+                if isinstance(expr, relax.Var):
+                    uses[expr] = uses.get(expr, 0) + 1
+                    if user is not None:
+                        users.setdefault(expr, []).append(user)
+            return count
 
         for block in func.body.blocks:
             for binding in block.bindings:
                 if isinstance(binding, relax.VarBinding):
                     bindings[binding.var] = binding.value
                     order.append(binding.var)
-                    relax.analysis.post_order_visit(binding.value, count)
-        relax.analysis.post_order_visit(func.body.body, count)
-        nonneg = _nonneg_vars(func, bindings)
+                    relax.analysis.post_order_visit(binding.value, counter(binding.var))
+        relax.analysis.post_order_visit(func.body.body, counter(None))
+        nonneg = _nonneg_vars(bindings)
 
         plans = {}            # final var of a chain -> new expression
         dropped = set()       # intermediate vars absorbed into a chain
@@ -176,7 +181,7 @@ class DSConvRewrite:
                     else f"conv{conv_index}")
             first = conv_index == 0
             conv_index += 1
-            plan = self._plan_conv(bb, name, var, value, bindings, uses, nonneg, first)
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first)
             if plan is None:
                 continue
             end_var, new_expr, absorbed = plan
@@ -188,7 +193,7 @@ class DSConvRewrite:
         mutator = _Replace(plans, dropped)
         return mutator.visit_expr(func)
 
-    def _plan_conv(self, bb, name, var, call, bindings, uses, nonneg, first):
+    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first):
         cfg = self.config
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
@@ -225,7 +230,7 @@ class DSConvRewrite:
         end, absorbed, fused = var, [], []
         bias = None
         co = int(w.shape[0])
-        nxt = _single_user(end, bindings, uses)
+        nxt = _single_user(end, uses, users)
         if nxt is not None and _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
@@ -237,7 +242,7 @@ class DSConvRewrite:
                 absorbed.append(end)
                 end = nxt
                 fused.append("bias")
-                nxt = _single_user(end, bindings, uses)
+                nxt = _single_user(end, uses, users)
         activation = "none"
         if nxt is not None and _is_call(bindings[nxt], "relax.nn.relu"):
             absorbed.append(end)
@@ -260,22 +265,19 @@ class DSConvRewrite:
         if bias is not None:
             args.append(relax.const(bias))
         new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
-        deployed = int(wp.nbytes + xi.nbytes + (0 if bias is None else 0))
         self.report.layers.append(LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
-            deployed_bytes=deployed, sqnr_db=weight_sqnr_db(w, qw.dequantize()), unsigned=unsigned,
-            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation))
+            deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=weight_sqnr_db(w, qw.dequantize()), unsigned=unsigned,
+            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation,
+            func_name=gv.name_hint))
         return end, new, absorbed
 
 
-def _single_user(var, bindings, uses):
+def _single_user(var, uses, users):
     """The var bound to the only expression that uses ``var`` (None if several users or an output)."""
-    if uses.get(var, 0) != 1:
+    if uses.get(var, 0) != 1 or len(users.get(var, ())) != 1:
         return None
-    for other, value in bindings.items():
-        if isinstance(value, relax.Call) and any(a.same_as(var) for a in value.args):
-            return other
-    return None
+    return users[var][0]
 
 
 def _ident(name: str) -> str:

@@ -218,7 +218,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         raise OutputError(f"cannot write the tuning database to {work_dir}")
     cpu_intrinsics_only()
     loaded = load_onnx(model_path, input_shapes)
-    mod, report = build_relax(loaded, config or DSConvConfig())
+    mod, _ = build_relax(loaded, config or DSConvConfig())
     target = spec.tvm_target()
     with target:
         mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
@@ -259,5 +259,4 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                       task_scheduler="gradient")
     finally:
         result.seconds = time.time() - t0
-    del report
     return result

@@ -85,12 +85,11 @@ def _start(argv, log: Path, env=None) -> subprocess.Popen:
         fh.close()
 
 
-@pytest.fixture(scope="session")
-def rpc_tracker(tmp_path_factory):
-    """``dsconv-tvm tracker`` on 127.0.0.1:<free port>; ``.address`` is "127.0.0.1:PORT"."""
+def start_tracker(log: Path) -> _Service:
+    """``dsconv-tvm tracker`` on 127.0.0.1:<free port>, up and answering; ``.address`` is
+    "127.0.0.1:PORT".  Stop it with ``.stop()``."""
     from dsconv_tvm.remote import RemoteError, tracker_summary
 
-    log = tmp_path_factory.mktemp("tracker") / "tracker.log"
     for _attempt in range(3):                       # a free port may be taken meanwhile
         port = _free_port()
         svc = _Service(_start([*_cli(), "tracker", "--port", str(port)], log), "127.0.0.1", port, log)
@@ -110,6 +109,23 @@ def rpc_tracker(tmp_path_factory):
             break
     else:
         pytest.fail(f"the tracker could not start:\n{svc.output()}")
+    return svc
+
+
+def emulated_board_tool():
+    """tools/emulated_board.py, or skip the test when qemu-user-static is missing."""
+    tool = _load_emulated_board_tool()
+    try:
+        tool.check_qemu()
+    except tool.BoardSetupError as exc:
+        pytest.skip(str(exc))
+    return tool
+
+
+@pytest.fixture(scope="session")
+def rpc_tracker(tmp_path_factory):
+    """The session's tracker (see :func:`start_tracker`)."""
+    svc = start_tracker(tmp_path_factory.mktemp("tracker") / "tracker.log")
     yield svc
     svc.stop()
 
@@ -117,11 +133,7 @@ def rpc_tracker(tmp_path_factory):
 @pytest.fixture(scope="session")
 def emulated_board_booting(rpc_tracker, tmp_path_factory):
     """The emulated board, built if needed and started (not yet waited for)."""
-    tool = _load_emulated_board_tool()
-    try:
-        tool.check_qemu()
-    except tool.BoardSetupError as exc:
-        pytest.skip(str(exc))
+    tool = emulated_board_tool()
     t0 = time.time()
     logs = []
     board = tool.ensure_board(log=logs.append)

@@ -1,7 +1,6 @@
 """The DSConvRewrite Relax pass on hand-built Relax modules."""
 
 import numpy as np
-import pytest
 import tvm
 from tvm import relax
 

@@ -82,35 +82,23 @@ def own_emulated_board(tmp_path):
     import subprocess
     from types import SimpleNamespace
 
-    from conftest import _cli, _free_port, _load_emulated_board_tool, _start
-    from dsconv_tvm.remote import RemoteError, kill_process_tree, tracker_summary
+    from conftest import _free_port, emulated_board_tool, start_tracker
+    from dsconv_tvm.remote import kill_process_tree
 
-    tool = _load_emulated_board_tool()
-    try:
-        tool.check_qemu()
-    except tool.BoardSetupError as exc:
-        pytest.skip(str(exc))
+    tool = emulated_board_tool()
     board = tool.ensure_board()
-    port = _free_port()
-    tracker = _start([*_cli(), "tracker", "--port", str(port)], tmp_path / "tracker.log")
-    procs = [tracker]
+    tracker = start_tracker(tmp_path / "tracker.log")
+    server = None
     try:
-        for _ in range(120):
-            try:
-                tracker_summary("127.0.0.1", port, timeout=2)
-                break
-            except RemoteError:
-                import time
-                time.sleep(0.5)
-        address = f"127.0.0.1:{port}"
         with open(tmp_path / "board.log", "w") as fh:
-            procs.append(tool.start_board_server(board, address, "rpi-emu-tune", port=_free_port(),
-                                                 stdout=fh, stderr=subprocess.STDOUT))
-        tool.wait_registered(address, "rpi-emu-tune", timeout=240, proc=procs[-1])
-        yield SimpleNamespace(tracker=address, key="rpi-emu-tune")
+            server = tool.start_board_server(board, tracker.address, "rpi-emu-tune", port=_free_port(),
+                                             stdout=fh, stderr=subprocess.STDOUT)
+        tool.wait_registered(tracker.address, "rpi-emu-tune", timeout=240, proc=server)
+        yield SimpleNamespace(tracker=tracker.address, key="rpi-emu-tune")
     finally:
-        for proc in reversed(procs):
-            kill_process_tree(proc.pid)
+        if server is not None:
+            kill_process_tree(server.pid)
+        tracker.stop()
 
 
 def test_tune_over_the_tracker_on_the_emulated_board(own_emulated_board, tmp_path, capsys):

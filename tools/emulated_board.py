@@ -24,7 +24,6 @@ Importable (the tests use it): :func:`ensure_board`, :func:`start_board_server`,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dsconv_tvm.runtime import cache_lock, cache_root
 
 TVM_VERSION = "0.27.0.post1"
 TVM_FFI_VERSION = "0.1.14.post1"
@@ -81,11 +82,6 @@ class Board:
         return json.loads((self.path / "DONE").read_text())
 
 
-def cache_root() -> Path:
-    env = os.environ.get("DSCONV_TVM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dsconv-tvm"
-
-
 def board_dir(cache: str | os.PathLike | None = None) -> Path:
     """The directory holding the emulated board (``<cache>/emulated-board``)."""
     return (Path(cache).expanduser() if cache else cache_root()) / "emulated-board"
@@ -116,19 +112,6 @@ def _finished(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(directory: Path):
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_board(cache: str | os.PathLike | None = None, log=print, rebuild: bool = False) -> Board:
     """The emulated board, built first if needed (serialised with a lock file; cached)."""
     check_qemu()
@@ -136,7 +119,8 @@ def ensure_board(cache: str | os.PathLike | None = None, log=print, rebuild: boo
     final = top / "board"
     if not rebuild and _finished(final):
         return Board(final)
-    with _locked(top):
+    top.mkdir(parents=True, exist_ok=True)
+    with cache_lock(top):
         if not rebuild and _finished(final):          # built by someone else meanwhile
             return Board(final)
         for stale in top.glob(".build-*"):           # left by an interrupted build

@@ -111,8 +111,8 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
     os.replace(tmp, args.out)
-    print(f"| model | fp32 ORT | fp32 TVM | DSConv W4 (l2, default) | DSConv W4 (mse fit) | loss (default) | "
-          f"conv bytes fp32 -> deployed | converted only | fp32 TVM ms | DSConv ms | ratio |")
+    print("| model | fp32 ORT | fp32 TVM | DSConv W4 (l2, default) | DSConv W4 (mse fit) | loss (default) | "
+          "conv bytes fp32 -> deployed | converted only | fp32 TVM ms | DSConv ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lat = r["latency"]
