@@ -46,7 +46,7 @@ def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, weights="r
     if layer.activation == "relu":
         ref = np.maximum(ref, 0)
     # scale of the float sum: the sum of |terms| bounds its rounding error
-    absref = dsconv2d(np.abs(x), np.abs(qw.q), np.abs(qw.xi), layer.block, layer.mantissa, layer.geom,
+    absref = dsconv2d(np.abs(x), np.abs(qw.q.astype(np.int16)), np.abs(qw.xi), layer.block, layer.mantissa, layer.geom,
                       None, layer.unsigned)
     terms = layer.groups * kh * kw
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=float(RTOL * terms * absref.max() + 1e-30))
