@@ -31,7 +31,10 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from .schedule import default_schedule_pass
+    from .schedule import default_schedule_pass, register_metaschedule_rule
+
+    if database is not None:             # replaying tuned traces needs the DSConv intrinsics
+        register_metaschedule_rule()
 
     @tvm.transform.module_pass(opt_level=0, name="RecordTunedFunctions")
     def _record(mod, _ctx):
@@ -58,17 +61,21 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
     return _pipeline
 
 
-def build_relax(loaded: LoadedModel, config: DSConvConfig | None):
+def build_relax(loaded: LoadedModel, config: DSConvConfig | None, spec: TargetSpec | None = None):
     """The Relax module of the model, with convs rewritten to DSConv unless ``config`` is None."""
     mod = _with_input_shapes(to_relax(loaded), loaded)
     if config is None:
         return mod, ConversionReport()
-    return rewrite_dsconv(mod, loaded, config)
+    return rewrite_dsconv(mod, loaded, config, spec)
 
 
-def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig):
-    """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report)."""
-    rewrite = DSConvRewrite(config, loaded.conv_names)
+def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig, spec: TargetSpec | None = None):
+    """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report).
+    ``spec`` picks how the layers store their mantissas (what the target's dot product takes)."""
+    from .intrinsics import activation_dtype
+
+    act = activation_dtype(spec.tvm_target()) if spec is not None else "uint8"
+    rewrite = DSConvRewrite(config, loaded.conv_names, act)
     return rewrite(fp32_mod), rewrite.report
 
 
@@ -159,7 +166,7 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     log(f"loaded {model_path}: inputs {loaded.input_shapes}, {len(loaded.conv_names)} Conv nodes, "
         f"{len(loaded.folded_bn)} BatchNormalization folded")
     fp32_mod, _ = build_relax(loaded, None)
-    mod, report = rewrite_dsconv(fp32_mod, loaded, config)
+    mod, report = rewrite_dsconv(fp32_mod, loaded, config, spec)
     log(f"rewrote {len(report.converted)} of {len(report.layers)} convs to DSConv; compiling for {spec.name}")
     from .tuning import find_database
     database, where = find_database(spec.name, tuning_db)

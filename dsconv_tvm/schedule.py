@@ -20,6 +20,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
+from .kernels import TAP
+
 DSCONV_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
 
 
@@ -45,8 +47,8 @@ def is_dsconv(func) -> bool:
 
 
 def _vector_lanes(target: Target) -> int:
-    """Output channels per register tile: one 256-bit vector of int32 on AVX2, 512 on AVX-512,
-    two 128-bit NEON vectors on ARM."""
+    """Output channels per register tile of the plain vector schedule: one 256-bit vector of int32
+    on AVX2, 512 on AVX-512, two 128-bit NEON vectors on ARM."""
     keys = set(target.keys)
     mattr = [str(a) for a in target.attrs.get("mattr", [])]
     mcpu = str(target.attrs.get("mcpu", ""))
@@ -58,47 +60,112 @@ def _vector_lanes(target: Target) -> int:
     return 8
 
 
-def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
+def layer_bits(func: tirx.PrimFunc) -> int:
+    """The weight bit width of a DSConv PrimFunc (from its ``dsconv.layer`` attribute)."""
+    attr = str(func.attrs["dsconv.layer"]) if func.attrs and "dsconv.layer" in func.attrs else ""
+    for item in attr.split():
+        if item.startswith("bits="):
+            return int(item[5:])
+    return 8
+
+
+def dot_intrin(func: tirx.PrimFunc, target: Target):
+    """The tensor intrinsic the schedule uses for this DSConv PrimFunc on ``target`` (or None)."""
+    from . import intrinsics
+
     sch = s_tir.Schedule(func)
+    act = str(sch.get(sch.get_sblock("bfp_m")).writes[0].source.dtype)
+    return intrinsics.select(target, layer_bits(func), act)
+
+
+def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
+    """(output channels, output pixels) register tiles worth trying, best guess first."""
+    sch = s_tir.Schedule(func)
+    _, o_, _, q_, *_ = sch.get_loops(sch.get_sblock("dsconv_out"))
+    co, ow = int(sch.get(o_).extent), int(sch.get(q_).extent)
+    intrin = dot_intrin(func, target)
+    if intrin is not None and co % intrin.lanes == 0:
+        lanes = intrin.lanes
+        vls = [v for v in (2 * lanes, lanes, 4 * lanes) if co % v == 0]
+    else:
+        lanes = _vector_lanes(target)
+        vls = [_largest_divisor(co, [2 * lanes, lanes, lanes // 2, 4, 2])]
+    qts = [q for q in (4, 6, 3, 2, 7, 8) if ow % q == 0 and q <= ow] or [1]
+    if ow <= 8 and ow not in qts:
+        qts.insert(0, ow)
+    return [(v, q) for q in qts[:3] for v in vls[:2]]
+
+
+def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, int] | None = None,
+                        sch: s_tir.Schedule | None = None, sample: bool = False) -> s_tir.Schedule:
+    """Schedule one DSConv PrimFunc for a CPU; ``tile`` = (output channels, pixels) per register
+    tile (default: the first of :func:`tile_options`).  Tensorized with :mod:`.intrinsics` where
+    the target has a dot-product instruction and the channels fit its lanes.
+
+    ``sample=True`` (the MetaSchedule search space): the tile is not fixed but drawn by the
+    schedule itself (output channels from the candidates of :func:`tile_options`, pixels as a
+    perfect tile of the row), so the tuner can sample and mutate it."""
+    options = tile_options(func, target)
+    vl, qt = tile or options[0]
+    intrin = dot_intrin(func, target)
+    vls = sorted({v for v, _ in options})
+    if intrin is not None and any(v % intrin.lanes for v in ([vl] if not sample else vls)):
+        intrin = None
+    sch = sch or s_tir.Schedule(func)
     out_blk = sch.get_sblock("dsconv_out")
     acc_blk = sch.get_sblock("dsconv_acc")
     epi_blk = sch.get_sblock("dsconv_epilogue")
     n_, o_, p_, q_, rg, ri, rj = sch.get_loops(out_blk)
-    co = int(sch.get(o_).extent)
-    ow = int(sch.get(q_).extent)
-    lanes = _vector_lanes(target)
-    vl = _largest_divisor(co, [2 * lanes, lanes, lanes // 2, 4, 2])
-    qt = _largest_divisor(ow, [4, 6, 3, 2]) if ow > 8 else ow
-
-    oo, oi = sch.split(o_, [None, vl])
-    qo, qi = sch.split(q_, [None, qt])
+    if sample:
+        vl_rv = sch.sample_categorical(vls, [1.0 / len(vls)] * len(vls))
+        oo, oi = sch.split(o_, [None, vl_rv])
+        qo, qi = sch.split(q_, sch.sample_perfect_tile(q_, n=2, max_innermost_factor=8))
+    else:
+        oo, oi = sch.split(o_, [None, vl])
+        qo, qi = sch.split(q_, [None, qt])
     sch.reorder(n_, oo, p_, qo, rg, ri, rj, qi, oi)
-    outer = sch.fuse(n_, oo, p_)
-    sch.parallel(outer)
+    sch.parallel(sch.fuse(n_, oo, p_))
 
-    # int32 block dot products: one tile per (block, tap), kept in registers
+    # int32 block dot products: one [qt, vl] tile per (block, tap), kept in registers
     sch.compute_at(acc_blk, rj, preserve_unit_loops=True)
-    a_loops = sch.get_loops(acc_blk)
-    a_q, a_o, a_k = a_loops[-3:]
-    sch.reorder(a_k, a_q, a_o)
-    sch.vectorize(a_o)
+    a_q, a_o, a_k = sch.get_loops(acc_blk)[-3:]
+    # 8 channels per step: two groups of 4 (the low and high nibbles of one packed byte)
+    if intrin is not None:
+        kb, k8 = sch.split(a_k, [None, 2 * TAP])
+        a_oa, a_ob = sch.split(a_o, [None, intrin.lanes])
+        sch.reorder(kb, a_q, a_oa, a_ob, k8)
+    else:
+        kb, kh, kt = sch.split(a_k, [None, 2, TAP])
+        sch.reorder(kb, kh, kt, a_q, a_o)
+        sch.vectorize(a_o)
+        sch.unroll(kh)
+        sch.unroll(kt)
     sch.unroll(a_q)
-    slots = int(sch.get(a_k).extent)
-    k_outer = a_k
-    if slots % 2 == 0:
-        k_outer, k2 = sch.split(a_k, [None, 2])
-        sch.unroll(k2)                    # makes the nibble (low/high) of each weight a constant
-    sch.set_scope(acc_blk, 0, "local")
+    unpack = _get_block(sch, "w_unpack")
+    if unpack is not None:               # sign-extend the 8 channels' weights for the whole tile
+        sch.compute_at(unpack, kb, preserve_unit_loops=True)
+        u_loops = sch.get_loops(unpack)
+        sch.unroll(u_loops[-3])
+        sch.vectorize(sch.fuse(*u_loops[-2:]))
 
     # float accumulation across blocks and taps
     sch.vectorize(oi)
     sch.unroll(qi)
     sch.set_scope(out_blk, 0, "local")
-    sch.reverse_compute_at(epi_blk, qo)
-    e_loops = sch.get_loops(epi_blk)
-    sch.vectorize(e_loops[-1])
-    sch.decompose_reduction(acc_blk, k_outer)
+    sch.reverse_compute_at(epi_blk, qo, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(epi_blk)[-1])
+    init = sch.decompose_reduction(acc_blk, kb)
+    if not sample:                       # (its loop count varies with the sampled tile)
+        sch.vectorize(sch.get_loops(init)[-1])
     sch.decompose_reduction(out_blk, rg)
+    if intrin is not None:
+        sch.unroll(a_oa)
+        sch.tensorize(a_ob, intrin.name)
+    # registers / stack: the int tile, the unpacked weights of one group (after tensorize: the
+    # intrinsics describe plain buffers)
+    sch.set_scope(init, 0, "local")
+    if unpack is not None:
+        sch.set_scope(unpack, 0, "local")
 
     # activation quantization: parallel over (image, block, row); vectorized along rows
     amax = sch.get_sblock("amax")
@@ -111,6 +178,37 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
         sch.parallel(sch.fuse(*loops[:3]))
         sch.vectorize(loops[-1])
     return sch
+
+
+def _get_block(sch: s_tir.Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return None
+
+
+METASCHEDULE_RULE = "dsconv"        # block annotation "schedule_rule" of the DSConv PrimFuncs
+
+
+def _metaschedule_dsconv(sch: s_tir.Schedule, _block) -> list[s_tir.Schedule]:
+    """MetaSchedule custom rule (``s_tir.meta_schedule.cpu.dsconv``): the DSConv template with
+    its register tile sampled; every other block of the function is annotated "None"."""
+    target = Target.current(allow_none=True) or Target({"kind": "llvm"})
+    func = sch.mod["main"]
+    schedule_dsconv_cpu(func, target, sch=sch, sample=True)
+    return [sch]
+
+
+def register_metaschedule_rule() -> None:
+    """Make the DSConv search space known to MetaSchedule (and its intrinsics to trace replay)."""
+    import tvm
+
+    from . import intrinsics
+
+    intrinsics.register()
+    name = f"s_tir.meta_schedule.cpu.{METASCHEDULE_RULE}"
+    if tvm.get_global_func(name, allow_missing=True) is None:
+        tvm.register_global_func(name, _metaschedule_dsconv)
 
 
 class DSConvCPU(dlight.ScheduleRule):

@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from .config import DSConvConfig
-from .kernels import DSConvLayer, dsconv_primfunc, pack_scales, pack_weights
+from .kernels import DSConvLayer, dsconv_primfunc, layer_params
 from .reference import ConvGeometry
 from .weights import quantize_weight, weight_sqnr_db
 
@@ -136,9 +136,11 @@ class DSConvRewrite:
     ``self.report`` is a :class:`ConversionReport`.
     """
 
-    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None):
+    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None,
+                 act_dtype: str = "uint8"):
         self.config = config or DSConvConfig()
         self.layer_names = list(layer_names) if layer_names else None
+        self.act_dtype = act_dtype          # mantissa storage of the target's dot product
         self.report = ConversionReport()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -173,6 +175,7 @@ class DSConvRewrite:
         plans = {}            # final var of a chain -> new expression
         dropped = set()       # intermediate vars absorbed into a chain
         conv_index = 0
+        claimed = {"vars": set(), "keep": set()}   # vars taken by chains; residual inputs
         for var in order:
             value = bindings[var]
             if not _is_call(value, "relax.nn.conv2d"):
@@ -181,19 +184,22 @@ class DSConvRewrite:
                     else f"conv{conv_index}")
             first = conv_index == 0
             conv_index += 1
-            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first)
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first, claimed)
             if plan is None:
                 continue
-            end_var, new_expr, absorbed = plan
+            end_var, new_expr, absorbed, residual = plan
             plans[end_var] = new_expr
             dropped.update(absorbed)
+            claimed["vars"].update([*absorbed, end_var])
+            if residual is not None:            # must stay bound: no later chain may absorb it
+                claimed["keep"].add(residual)
 
         if not plans:
             return func
         mutator = _Replace(plans, dropped)
         return mutator.visit_expr(func)
 
-    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first):
+    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first, claimed):
         cfg = self.config
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
@@ -230,7 +236,14 @@ class DSConvRewrite:
         end, absorbed, fused = var, [], []
         bias = None
         co = int(w.shape[0])
-        nxt = _single_user(end, uses, users)
+
+        def next_op(v):          # the op the chain may absorb after v (None: the chain ends at v)
+            n = _single_user(v, uses, users)
+            if n is None or n in claimed["vars"] or v in claimed["keep"]:
+                return None
+            return n
+
+        nxt = next_op(end)
         if nxt is not None and _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
@@ -242,7 +255,21 @@ class DSConvRewrite:
                 absorbed.append(end)
                 end = nxt
                 fused.append("bias")
-                nxt = _single_user(end, uses, users)
+                nxt = next_op(end)
+        # a residual add (another tensor of the output's shape, computed before this conv's user)
+        residual = None
+        if nxt is not None and _is_call(bindings[nxt], "relax.add"):
+            a, b = bindings[nxt].args
+            other = b if a.same_as(end) else a
+            if isinstance(other, relax.Var) and not other.same_as(end) and \
+                    _const_value(other, bindings) is None and \
+                    _static_shape(other) == _static_shape(end) == _static_shape(nxt) and \
+                    str(other.ty.dtype) == "float32":
+                residual = other
+                absorbed.append(end)
+                end = nxt
+                fused.append("residual")
+                nxt = next_op(end)
         activation = "none"
         if nxt is not None and _is_call(bindings[nxt], "relax.nn.relu"):
             absorbed.append(end)
@@ -257,20 +284,20 @@ class DSConvRewrite:
         qw = quantize_weight(w, cfg.bits, cfg.block, cfg.fit, cfg.scale_dtype)
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
                             cfg.bits, cfg.block, cfg.mantissa, unsigned, cfg.scale_dtype,
-                            bias is not None, activation)
-        wp = pack_weights(qw.q, cfg.bits, cfg.block)
-        xi = pack_scales(qw.xi, cfg.scale_dtype)
+                            bias is not None, activation, self.act_dtype, residual is not None)
+        params = layer_params(layer, qw.q, qw.xi, bias)
+        wp, xi = params[:2]
         gv = bb.add_func(dsconv_primfunc(layer), f"dsconv_{_ident(name)}")
-        args = [data, relax.const(wp), relax.const(xi)]
-        if bias is not None:
-            args.append(relax.const(bias))
+        args = [data, *[relax.const(a) for a in params]]
+        if residual is not None:
+            args.append(residual)
         new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
         self.report.layers.append(LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
             deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=weight_sqnr_db(w, qw.dequantize()), unsigned=unsigned,
             fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation,
             func_name=gv.name_hint))
-        return end, new, absorbed
+        return end, new, absorbed, residual
 
 
 def _single_user(var, uses, users):

@@ -60,6 +60,10 @@ def find_database(target_name: str, tuning_db: str | None):
     """(database, where) for ``compile``: the user's, else the shipped one, else (None, "default")."""
     from tvm.s_tir import meta_schedule as ms
 
+    from .schedule import register_metaschedule_rule
+
+    register_metaschedule_rule()          # the records' traces name the DSConv intrinsics
+
     if tuning_db:
         if not is_database_dir(tuning_db):
             raise OutputError(f"--tuning-db {tuning_db}: not a tuning database (expected "
@@ -194,6 +198,36 @@ def _flops(mod) -> float:
         return 0.0
 
 
+def _dsconv_space():
+    """The search space of a DSConv task: the tensorized template of ``schedule.py`` (custom rule
+    on the dsconv_out block, every other block annotated "None"), its register tile sampled and
+    mutated.  TVM's generic post-processors expect its own annotations, not finished loops."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules=[ms.schedule_rule.ApplyCustomRule()],
+        postprocs=[ms.postproc.DisallowDynamicLoop()],
+        mutator_probs={ms.mutator.MutateTileSize(): 1.0})
+
+
+def _tune_contexts(extracted, work_dir: str, seed: int):
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedule import is_dsconv
+
+    threads = max(1, os.cpu_count() or 1)
+    contexts, weights = [], []
+    for is_ds in (True, False):
+        part = [t for t in extracted if is_dsconv(t.dispatched[0]["main"]) == is_ds]
+        if part:
+            c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                part, work_dir, space=_dsconv_space() if is_ds else "post-order-apply",
+                seed=seed, num_threads=threads)
+            contexts += c
+            weights += w
+    return contexts, weights
+
+
 def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvConfig | None = None,
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
@@ -217,8 +251,10 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     if not os.access(work_dir, os.W_OK):
         raise OutputError(f"cannot write the tuning database to {work_dir}")
     cpu_intrinsics_only()
+    from .schedule import register_metaschedule_rule
+    register_metaschedule_rule()
     loaded = load_onnx(model_path, input_shapes)
-    mod, _ = build_relax(loaded, config or DSConvConfig())
+    mod, _ = build_relax(loaded, config or DSConvConfig(), spec)
     target = spec.tvm_target()
     with target:
         mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
@@ -231,8 +267,8 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     names = [t.task_name for t in extracted]
     log(f"{len(extracted)} tasks ({sum(1 for n in names if 'dsconv' in n)} DSConv): {', '.join(names)}")
     _quiet_metaschedule_console()
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, work_dir, seed=seed, num_threads=max(1, os.cpu_count() or 1))
+    contexts, weights = _tune_contexts(extracted, work_dir, seed)
+    _quiet_metaschedule_console()           # creating the contexts configures the loggers again
     export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
     builder = ms.builder.LocalBuilder(initializer=cpu_intrinsics_only, timeout_sec=120,
                                       **({"f_export": export} if export else {}))
@@ -253,10 +289,11 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
     try:
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
-                      num_trials_per_iter=trials_per_iter, builder=builder, runner=runner,
-                      database=database, cost_model=cost_model, measure_callbacks=callbacks,
-                      task_scheduler="gradient")
+        with target:            # the DSConv search space (schedule.py) reads the target
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
+                          num_trials_per_iter=trials_per_iter, builder=builder, runner=runner,
+                          database=database, cost_model=cost_model, measure_callbacks=callbacks,
+                          task_scheduler="gradient")
     finally:
         result.seconds = time.time() - t0
     return result

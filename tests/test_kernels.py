@@ -8,13 +8,23 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsconv_tvm.kernels import DSConvLayer, dsconv_primfunc, pack_scales, pack_weights, unpack_weights
+from dsconv_tvm.kernels import DSConvLayer, dsconv_primfunc, layer_params, pack_weights, unpack_weights
 from dsconv_tvm.reference import ConvGeometry, dsconv2d
-from dsconv_tvm.schedule import is_dsconv, schedule_dsconv_cpu
+from dsconv_tvm.intrinsics import isa_of
+from dsconv_tvm.schedule import dot_intrin, is_dsconv, schedule_dsconv_cpu, tile_options
 from dsconv_tvm.targets import get_target
 from dsconv_tvm.weights import quantize_weight
 
 HOST = get_target("x86").tvm_target()
+HOST_ISA = isa_of(HOST)
+# x86 builds that run on this machine, one per dot-product path: the host's best, AVX2
+# (vpmaddubsw), AVX-512BW where the CPU has it, and the plain vector schedule ("novec": a target
+# without an intrinsic, x86-64 baseline)
+RUNNABLE = {"host": HOST, "avx2": get_target("x86-avx2").tvm_target()}
+if HOST_ISA in ("avx512", "vnni"):
+    RUNNABLE["avx512"] = get_target("x86-avx512").tvm_target()
+RUNNABLE["plain"] = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64",
+                                       "num-cores": 2})
 
 # Tolerance: the kernel and the reference compute the same integers (block dot products, BFP
 # mantissas and exponents are exact), and every float term acc * xi * 2^(e-f) is the same float32
@@ -23,7 +33,7 @@ HOST = get_target("x86").tvm_target()
 RTOL = 2e-6
 
 
-def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, weights="random"):
+def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, target=HOST, tile=None):
     rng = np.random.default_rng(seed)
     n, c, h, w = layer.in_shape
     co = layer.out_channels
@@ -35,21 +45,25 @@ def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, weights="r
     qw = quantize_weight(wf, layer.bits, layer.block, "l2", layer.scale_dtype)
     bias = rng.standard_normal(co).astype(np.float32) if layer.has_bias else None
     func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
-    mod = schedule_dsconv_cpu(func, HOST).mod if scheduled else func
-    ex = tvm.compile(mod, HOST)
-    args = [x, pack_weights(qw.q, layer.bits, layer.block), pack_scales(qw.xi, layer.scale_dtype)]
-    if bias is not None:
-        args.append(bias)
+    mod = schedule_dsconv_cpu(func, target, tile).mod if scheduled else func
+    ex = tvm.compile(mod, target)
+    args = [x, *layer_params(layer, qw.q, qw.xi, bias)]
+    res = rng.standard_normal(layer.out_shape).astype(np.float32) if layer.has_residual else None
+    if res is not None:
+        args.append(res)
     out = tvm.runtime.tensor(np.zeros(layer.out_shape, np.float32))
     ex(*[tvm.runtime.tensor(a) for a in args], out)
     ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
+    if res is not None:
+        ref = ref + res
     if layer.activation == "relu":
         ref = np.maximum(ref, 0)
     # scale of the float sum: the sum of |terms| bounds its rounding error
     absref = dsconv2d(np.abs(x), np.abs(qw.q.astype(np.int16)), np.abs(qw.xi), layer.block, layer.mantissa, layer.geom,
                       None, layer.unsigned)
     terms = layer.groups * kh * kw
-    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=float(RTOL * terms * absref.max() + 1e-30))
+    extra = 0.0 if res is None else 1e-6 * float(np.abs(res).max() + absref.max())   # one more rounding
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=float(RTOL * terms * absref.max() + extra + 1e-30))
     return out.numpy(), ref
 
 
@@ -73,6 +87,35 @@ def test_scheduled_kernel_matches_reference(case):
     in_shape, co, k, s, p, d, bits, block, m, uns, bias, act = case
     layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p, d), bits, block, m, uns, "float32", bias, act)
     _run_layer(layer, seed=hash(case) % 1000)
+
+
+TENSORIZED = [
+    # in_shape, CO, kernel, strides, padding, bits, block, unsigned, act_dtype, residual
+    ((1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "uint8", False),
+    ((1, 64, 9, 9), 32, (3, 3), (2, 2), (1, 1, 1, 1), 4, 64, False, "uint8", True),   # signed: offset +128
+    ((1, 48, 7, 7), 16, (1, 1), (1, 1), (0, 0, 0, 0), 4, 16, True, "uint8", True),
+    ((1, 40, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 6, 32, True, "uint8", False),   # int8 weights, partial
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "int8", False),    # ARM storage: -128
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, "uint8", False),  # 8 bits: vnni only
+]
+
+
+@pytest.mark.parametrize("path", list(RUNNABLE))
+@pytest.mark.parametrize("case", TENSORIZED, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-b{c[5]}B{c[6]}-{c[8]}")
+def test_dot_product_kernels_match_reference(case, path):
+    """Every runnable dot-product path (and every register tile it would try) against numpy."""
+    in_shape, co, k, s, p, bits, block, uns, act, residual = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
+                        act, residual)
+    target = RUNNABLE[path]
+    func = dsconv_primfunc(layer)
+    intrin = dot_intrin(func, target)
+    if path in ("avx2", "avx512"):
+        assert (intrin is not None) == (bits <= 6 and act == "uint8"), intrin
+    if path == "plain":
+        assert intrin is None
+    for tile in tile_options(func, target)[:3]:
+        _run_layer(layer, seed=co + bits, target=target, tile=tile)
 
 
 @settings(max_examples=12, deadline=None)
@@ -104,10 +147,11 @@ def test_pack_unpack_roundtrip(co, ci, k, bits, block, seed):
     q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (co, ci, k, k)).astype(np.int8)
     wp = pack_weights(q, bits, block)
     g = -(-ci // block)
+    bp = -(-block // 8) * 8
     if bits <= 4:
-        assert wp.dtype == np.uint8 and wp.shape == (g, k, k, (block + block % 2) // 2, co)
+        assert wp.dtype == np.uint8 and wp.shape == (g, k, k, bp // 8, co, 4)
     else:
-        assert wp.dtype == np.int8 and wp.shape == (g, k, k, block, co)
+        assert wp.dtype == np.int8 and wp.shape == (g, k, k, bp // 4, co, 4)
     assert np.array_equal(unpack_weights(wp, bits, block, ci), q)
 
 
@@ -138,25 +182,40 @@ def _asm(target_name, layer):
     return ex.mod.inspect_source("asm")
 
 
-LAYER_64 = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
-                       "float32", True, "relu")
+@pytest.mark.parametrize("target, isa, pattern, least", [
+    # x86 AVX2: u8 x s8 byte dot products (vpmaddubsw), pairs to i32 (vpmaddwd), on ymm
+    ("x86-avx2", "avx2", r"\bvpmaddubsw\s+%ymm", 16),
+    # AVX-512BW: the same on zmm
+    ("x86-avx512", "avx512", r"\bvpmaddubsw\s+%zmm", 16),
+    # AVX-512 VNNI: vpdpbusd (cannot run on every x86; checked in the assembly)
+    ("x86-vnni", "vnni", r"\bvpdpbusd\s+%zmm", 16),
+    # Cortex-A72 (Raspberry Pi 4): widening multiplies, pairwise adds, accumulate long
+    ("rpi4", "neon", r"\bsmull2?\s+v\d+\.8h|\bsadalp\s+v\d+\.4s", 16),
+    ("arm", "neon", r"\bsmull2?\s+v\d+\.8h|\bsadalp\s+v\d+\.4s", 16),
+    # Cortex-A76 (Raspberry Pi 5): sdot
+    ("rpi5", "sdot", r"\bsdot\s+v\d+\.4s", 16),
+])
+def test_assembly_has_the_dot_product_instructions(target, isa, pattern, least):
+    tvm_target = get_target(target).tvm_target()
+    assert isa_of(tvm_target) == isa
+    act = "int8" if isa in ("neon", "sdot") else "uint8"
+    layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
+                        "float32", True, "relu", act)
+    asm = _asm(target, layer)
+    assert len(re.findall(pattern, asm)) >= least
+    # the 4-bit weights are unpacked in registers from the packed bytes
+    unpack = r"\bvpsrlw\s+\$4|\bvpand\s|\bushr\s+v\d+\.16b|\bsshr\s+v\d+\.16b|\band\s+v\d+\.16b"
+    assert re.search(unpack, asm)
 
 
-def test_x86_assembly_has_vector_integer_multiply_adds():
-    asm = _asm("x86-avx2", LAYER_64)
-    # int32 lanes in ymm registers: widening multiply-add (vpmaddwd) or multiply (vpmulld) + add
-    mults = len(re.findall(r"\bvpmaddwd\s+%ymm|\bvpmulld\s+%ymm", asm))
-    adds = len(re.findall(r"\bvpaddd\s+%ymm", asm))
-    unpack = len(re.findall(r"\bvps(ra|ll)[dw]\s+\$|\bvpmov[sz]xbd\s", asm))
-    assert mults >= 8 and adds >= 8 and unpack >= 1, (mults, adds, unpack)
-
-
-@pytest.mark.parametrize("target", ["arm", "rpi4", "rpi5"])
-def test_aarch64_assembly_has_neon_integer_multiply_adds(target):
-    asm = _asm(target, LAYER_64)
-    # NEON integer multiply-accumulate on 32-bit lanes: mla/smlal/smlal2 (widening), or mul+add
-    mla = len(re.findall(r"\b(s?mla[l2]*|smull2?|sadalp)\s+v\d+\.(4s|8h)", asm))
-    assert mla >= 8, mla
+def test_x86_plain_vector_fallback_for_8_bit_weights():
+    """8-bit weights would saturate vpmaddubsw's i16 pairs: AVX2 falls back to plain vector code."""
+    layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 8, 32, 8, True,
+                        "float32", True, "relu")
+    assert dot_intrin(dsconv_primfunc(layer), get_target("x86-avx2").tvm_target()) is None
+    asm = _asm("x86-avx2", layer)
+    assert not re.search(r"\bvpmaddubsw\b", asm)
+    assert len(re.findall(r"\bvpmaddwd\s+%ymm|\bvpmulld\s+%ymm", asm)) >= 8
 
 
 def test_armv7_compiles_with_neon():
