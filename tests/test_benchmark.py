@@ -100,6 +100,9 @@ def test_refill_calibrates_batchnorm_on_the_images():
     n1 = np.concatenate([sess.run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
     np.testing.assert_allclose(n1.mean(axis=(0, 2, 3)), w["b1"], atol=1e-3)
     np.testing.assert_allclose(n1.std(axis=(0, 2, 3)), w["s1"], rtol=0.02)
+    # the last Gemm is rescaled to unit RMS logits (no saturated softmax)
+    y = np.concatenate([bm.ort_session(model).run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
+    assert np.sqrt(np.mean(y.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_light_model_of_the_onnx_wheel_is_refilled_with_its_shapes():
@@ -184,6 +187,7 @@ def test_ratios_and_writers(tmp_path):
     assert "failed: RuntimeError: boom" in md and "Skipped: gone" in md
     assert "| 100.0 | 19.5 | yes |" in md
     assert "512 GOP/s" in md
+    assert "(the worst such layer) | 0.195 | NO |" in md and "| - | not measured |" in md
     if "b.png" in {os.path.basename(p) for p in written}:
         assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -4,9 +4,11 @@
   there is the constant 0.02 (made at run time by ``ConstantOfShape`` nodes), which makes any
   quantizer degenerate.  :func:`refill_model` turns every such constant into an initializer of the
   same shape filled with seeded random values: He-normal conv / Gemm weights (std sqrt(2/fan_in)),
-  small biases, BN scale ~ U(0.5, 1.5), BN shift ~ N(0, 0.1), and BN running mean / variance set
-  to the statistics the layer's input really has on the calibration images (computed layer by layer
-  in graph order with ONNX Runtime), so every BN normalizes as a trained one would.  The model is
+  small biases, BN scale ~ U(0.5, 1.5), BN shift ~ N(0, 0.1); then, on 8 calibration images, layer
+  by layer in graph order with ONNX Runtime, BN running mean / variance are set to the statistics the
+  layer's input really has (every BN normalizes as a trained one would), and in models without BN
+  each Conv / Gemm is rescaled to unit output RMS (also the last Gemm of BN models: unsaturated
+  softmax).  The model is
   then converted to opset 13 (per-channel QDQ needs it; the TVM frontend accepts it).
 * MobileNetV2 with real ImageNet weights from ``tools/imagenet_models.py`` when that module exists.
 * The Fashion-MNIST example models of ``models/`` (inputs: the first Fashion-MNIST test images).
@@ -38,7 +40,7 @@ EXAMPLES = ("resnet20", "vgg_small", "mobilenet_small")
 IMAGENET = ("mobilenet_v2",)
 ALL_MODELS = (*LIGHT, *IMAGENET, *EXAMPLES)
 OPSET = 13
-REFILL_VERSION = 1          # bump when refill_model changes: invalidates the cache
+REFILL_VERSION = 2          # bump when refill_model changes: invalidates the cache
 
 
 @dataclass
@@ -183,7 +185,7 @@ def refill_model(model, seed: int = 0, calib: np.ndarray | None = None):
             by_name[init.name].CopyFrom(numpy_helper.from_array(val.astype(arr.dtype), init.name))
     model = onnx.version_converter.convert_version(model, OPSET)
     if calib is not None:
-        calibrate_batchnorm(model, calib)
+        calibrate(model, calib)
     onnx.checker.check_model(model)
     return model
 
@@ -200,29 +202,48 @@ def ort_session(model, threads: int = 2):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def calibrate_batchnorm(model, images: np.ndarray, eps_floor: float = 1e-3) -> None:
-    """Set every BatchNormalization's running mean / variance (in graph order, in place) to the
-    per-channel mean / variance of its input on ``images``, with the earlier BNs already set."""
+def _probe(model, tensor: str, images: np.ndarray) -> np.ndarray:
+    """The values of ``tensor`` on every image (ORT, batch 1)."""
     import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    input_name = next(i.name for i in model.graph.input if i.name not in inits)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)])
+    sess = ort_session(probe)
+    return np.concatenate([sess.run(None, {input_name: images[i:i + 1]})[0] for i in range(len(images))])
+
+
+def calibrate(model, images: np.ndarray, eps_floor: float = 1e-3) -> None:
+    """Make the random network behave like a trained one on ``images`` (in place, in graph order,
+    each step seeing the earlier ones): every BatchNormalization's running mean / variance become the
+    per-channel mean / variance of its input; in a model without BN every Conv / Gemm, and in a model
+    with BN the last Gemm, is rescaled (weight and bias) so that its output has unit RMS -- otherwise
+    activations (and logits) drift by orders of magnitude over tens of layers and the softmax saturates."""
     from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    input_name = next(i.name for i in graph.input if i.name not in inits)
+    has_bn = any(n.op_type == "BatchNormalization" for n in graph.node)
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
     for node in graph.node:
-        if node.op_type != "BatchNormalization":
-            continue
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
-        probe.graph.output.extend([onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)])
-        sess = ort_session(probe)
-        x = np.concatenate([sess.run(None, {input_name: images[i:i + 1]})[0] for i in range(len(images))])
-        axes = (0, *range(2, x.ndim))
-        mean, var = x.mean(axis=axes), x.var(axis=axes) + eps_floor
-        for idx, val in ((3, mean), (4, var)):
-            name = node.input[idx]
-            inits[name].CopyFrom(numpy_helper.from_array(val.astype(np.float32), name))
+        if node.op_type == "BatchNormalization":
+            x = _probe(model, node.input[0], images)
+            axes = (0, *range(2, x.ndim))
+            for idx, val in ((3, x.mean(axis=axes)), (4, x.var(axis=axes) + eps_floor)):
+                name = node.input[idx]
+                inits[name].CopyFrom(numpy_helper.from_array(val.astype(np.float32), name))
+        elif node.op_type in ("Conv", "Gemm") and (not has_bn or (gemms and node is gemms[-1])):
+            y = _probe(model, node.output[0], images)
+            rms = float(np.sqrt(np.mean(y.astype(np.float64) ** 2)))
+            if rms <= 0 or not np.isfinite(rms):
+                continue
+            for name in node.input[1:3]:
+                if name in inits:
+                    arr = numpy_helper.to_array(inits[name])
+                    inits[name].CopyFrom(numpy_helper.from_array((arr / rms).astype(arr.dtype), name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,8 +307,8 @@ def prepare_light(name: str, n_images: int, seed: int = 0, log=print) -> BenchMo
     images = synthetic_images(n_images, seed=seed)
     path = os.path.join(bench_cache(), f"{name}_refill_s{seed}_v{REFILL_VERSION}.onnx")
     if not os.path.exists(path):
-        log(f"{name}: re-filling {LIGHT[name]} with seeded random weights (BN statistics from "
-            f"{min(n_images, 8)} images), opset {OPSET}")
+        log(f"{name}: re-filling {LIGHT[name]} with seeded random weights (calibrated on 8 images), "
+            f"opset {OPSET}")
         src = onnx.load(os.path.join(light_dir(), LIGHT[name]))
         # BN statistics always from the same 8 images, so the model does not depend on --images
         _save(refill_model(src, seed, synthetic_images(8, seed=seed + 1000)), path)

@@ -462,6 +462,10 @@ def markdown(results: dict) -> str:
               f"{peak['clock_hz'] / 1e9:.2f} GHz (measured sustained clock, {peak['cores']} threads) x "
               f"{peak['cores']} cores x 2 ops = {peak['peak_gops']:.0f} GOP/s; the vpmaddubsw+vpmaddwd "
               f"microbenchmark reaches {2 * peak['measured_avx2_gmacs']:.0f} GOP/s.\n")
+    out.write("\n| goal | measured | met |\n|---|---|---|\n")
+    for g in goals(results):
+        met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
+        out.write(f"| {g['goal']} | {_f(g['measured'], '.3f')} | {met} |\n")
     if results.get("layers"):
         out.write("\n| model | variant | layer | input | output | kernel | ms | integer GOP/s | % of peak | "
                   "3x3, >= 64 ch |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -471,6 +475,26 @@ def markdown(results: dict) -> str:
                       f"{l['median_ms']:.3f} | {l['int_gops']:.1f} | {100 * l['fraction_of_peak']:.1f} | "
                       f"{'yes' if l['goal_3x3_ge64'] else 'no'} |\n")
     return out.getvalue()
+
+
+def goals(results: dict) -> list[dict]:
+    """The issue's goals, checked on this run's numbers (None where the run lacks the measurement)."""
+    out = []
+    rn = next((m for m in results["models"] if m["model"] == "resnet50" and not m.get("skipped")), None)
+    for variant in ("dsconv_b32", "dsconv_b64"):
+        v = (rn or {}).get("variants", {}).get(variant, {})
+        for base, limit in (("ort_fp32", 0.6), ("ort_int8", 0.9), ("tvm_fp32", 0.7)):
+            r = v.get(f"ratio_to_{base}")
+            out.append({"goal": f"ResNet-50 {LABELS[variant]} latency <= {limit} x {LABELS[base]}",
+                        "measured": r, "met": None if r is None else r <= limit})
+    w = (rn or {}).get("variants", {}).get("dsconv_b64", {}).get("weight_ratio_to_fp32")
+    out.append({"goal": "ResNet-50 deployed weight bytes at W4 B=64 <= 0.16 x fp32", "measured": w,
+                "met": None if w is None else w <= 0.16})
+    layers = [l for l in results.get("layers", []) if l["goal_3x3_ge64"]]
+    worst = min((l["fraction_of_peak"] for l in layers), default=None)
+    out.append({"goal": "3x3 convs with >= 64 channels (per-layer report): >= 50 % of the int8 peak "
+                        "(the worst such layer)", "measured": worst, "met": None if worst is None else worst >= 0.5})
+    return out
 
 
 def write_csv(results: dict, path: str) -> None:
@@ -631,6 +655,7 @@ def run(args) -> dict:
             results["models"].append(row)
             results["layers"] += layers
     results["seconds"] = round(time.time() - t0, 1)
+    results["goals"] = goals(results)
     return results
 
 
