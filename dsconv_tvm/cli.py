@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure on a board registered at this TVM RPC tracker")
     tu.add_argument("--key", default=None, help="the board's key at the tracker")
     tu.add_argument("--timeout", type=float, default=120, help="RPC session timeout, seconds")
+    tu.add_argument("--fp32", action="store_true",
+                    help="tune the fp32 model as imported (no DSConv rewrite): the baseline, tuned "
+                         "with the same tuner; build it with tools/benchmark.py")
     _add_scheme_options(tu)
     tu.set_defaults(func=cmd_tune)
 
@@ -244,14 +247,14 @@ def cmd_tune(args) -> int:
     result = tune_model(args.model, args.target, args.work_dir, _config_from_args(args),
                         parse_input_shapes(args.input_shapes), trials=args.trials,
                         trials_per_iter=args.trials_per_iter, tracker=args.tracker, key=args.key,
-                        timeout=args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True))
+                        timeout=args.timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
+                        dsconv=not args.fp32)
     if result.failures:
         lines = [l for l in result.first_error.splitlines() if l.strip()]
         print(f"warning: {result.failures} of {result.trials} candidates failed to build or run; first error: "
               f"{(lines[-1] if lines else '?')[:300]}", file=sys.stderr)
-    final = result.history[-1][2] if result.history else float("nan")
-    reach = next((t for t, _, ms_ in result.history if ms_ <= 1.1 * final), float("nan"))
-    n10 = next((n for _, n, ms_ in result.history if ms_ <= 1.1 * final), 0)
+    from .tuning import convergence
+    final, reach, n10 = convergence(result.history)
     print(f"tuned {len(result.tasks)} tasks with {result.trials} trials in {result.seconds:.0f} s; best total "
           f"{final:.3f} ms (sum of the tasks' best kernels), within 10 % of it after {n10} trials / "
           f"{reach:.0f} s")

@@ -86,6 +86,16 @@ class TuneResult:
     first_error: str = ""
 
 
+def convergence(history) -> tuple[float, float, int]:
+    """(final total ms, seconds and trials until the total first came within 10 % of it) from a
+    :class:`TuneResult` history; (nan, nan, 0) without history."""
+    if not history:
+        return float("nan"), float("nan"), 0
+    final = history[-1][2]
+    first = next((t, n) for t, n, ms_ in history if ms_ <= 1.1 * final)
+    return final, first[0], first[1]
+
+
 def _export_with(cc: str):
     def export(mod) -> str:        # runs in the builder worker
         import os as _os
@@ -231,8 +241,9 @@ def _tune_contexts(extracted, work_dir: str, seed: int):
 def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvConfig | None = None,
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
-               seed: int = 0, log=None, stream=sys.stderr) -> TuneResult:
-    """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database)."""
+               seed: int = 0, log=None, stream=sys.stderr, dsconv: bool = True) -> TuneResult:
+    """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database).
+    ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import meta_schedule as ms
@@ -254,7 +265,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from .schedule import register_metaschedule_rule
     register_metaschedule_rule()
     loaded = load_onnx(model_path, input_shapes)
-    mod, _ = build_relax(loaded, config or DSConvConfig(), spec)
+    mod, _ = build_relax(loaded, (config or DSConvConfig()) if dsconv else None, spec)
     target = spec.tvm_target()
     with target:
         mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)

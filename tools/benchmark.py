@@ -1,0 +1,677 @@
+#!/usr/bin/env python3
+"""The benchmark of issue 3: DSConv W4 against ONNX Runtime (fp32, static int8) and TVM fp32.
+
+For every model, in one process tree, on the same cores (the process pins itself, children inherit),
+batch 1:
+
+* ``ort_fp32``   ONNX Runtime, the fp32 model (``intra_op_num_threads`` = --threads)
+* ``ort_int8``   ONNX Runtime, static int8: QDQ, per-channel s8 weights, u8 activations calibrated
+                 on the benchmark images themselves
+* ``tvm_fp32``   TVM, the fp32 model, tuned with MetaSchedule + XGBoost with --trials trials
+* ``dsconv_b32`` / ``dsconv_b64``  DSConv W4 m=8, B=32 / 64, tuned with the same --trials
+                 (``TVM_NUM_THREADS`` = --threads)
+
+Every variant is timed in its own child process (no thread pool of one runtime disturbs another):
+a warm-up, then --repeat measurements of the mean of --number calls; median, min and max are
+reported.  Outputs on the --images benchmark images are compared with ORT fp32 (argmax agreement,
+relative L2 error; reported, not asserted: the light_* models have random weights).  Weight bytes:
+ONNX initializers for ORT / TVM fp32 (after BN folding for TVM), packed 4-bit weights + KDS scales +
+every tensor kept fp32 for DSConv.  A per-layer report times the largest DSConv layers standalone.
+
+Writes ``<out-dir>/<name>.{json,csv,md,png}``.  Tuning databases are cached in --work-dir (default
+``~/.cache/dsconv-tvm/bench/tune``), keyed by model, variant and trials: a rerun does not retune.
+
+Usage:  python tools/benchmark.py [--models resnet50 ...] [--trials N | --no-tune] [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(REPO, "tools")
+for _p in (REPO, TOOLS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import bench_models  # noqa: E402
+import bench_peak  # noqa: E402
+
+VARIANTS = ("ort_fp32", "ort_int8", "tvm_fp32", "dsconv_b32", "dsconv_b64")
+LABELS = {"ort_fp32": "ORT fp32", "ort_int8": "ORT int8 (QDQ per-channel)", "tvm_fp32": "TVM fp32",
+          "dsconv_b32": "DSConv W4 B=32 m=8", "dsconv_b64": "DSConv W4 B=64 m=8"}
+DEFAULT_MODELS = ("resnet50", "vgg19", "googlenet", "densenet121", "alexnet", "mobilenet_v2",
+                  "resnet20", "vgg_small", "mobilenet_small")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def dsconv_config(variant: str):
+    from dsconv_tvm.config import DSConvConfig
+
+    return DSConvConfig(bits=4, block=int(variant.rsplit("_b", 1)[1]), mantissa=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing: one child process per variant
+# ------------------------------------------------------------------------------------------------
+def _stats(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "times_ms": times}
+
+
+def _plan(t1_ms: float, spec: dict) -> tuple[int, int, int]:
+    """(warm-up calls, repeat, number) within the variant's time budget: as asked when it fits,
+    else number 1 and as many repeats as fit (at least 5) -- slow untuned models take seconds a call."""
+    warmup, repeat, number = spec["warmup"], spec["repeat"], spec["number"]
+    budget_ms = 1e3 * spec.get("budget_s", float("inf"))
+    if t1_ms * (warmup + repeat * number) <= budget_ms:
+        return warmup, repeat, number
+    return min(warmup, 1), max(5, min(repeat, int(budget_ms / max(t1_ms, 1e-6)))), 1
+
+
+def time_child(spec: dict) -> dict:
+    """Runs in the child: outputs on every image, then warm-up and the timed runs."""
+    x = np.load(spec["images"])
+    x1 = np.ascontiguousarray(x[:1])
+    if spec["kind"] == "ort":
+        sess = bench_models.ort_session(spec["path"], spec["threads"])
+        name = sess.get_inputs()[0].name
+
+        def call(inp):
+            return sess.run(None, {name: inp})[0]
+    else:
+        import tvm
+
+        from dsconv_tvm.evaluate import load_library
+
+        vm, _shape = load_library(spec["path"])
+
+        def call(inp):
+            return vm["main"](tvm.runtime.tensor(inp)).numpy()
+    t0 = time.perf_counter()
+    outs = [call(x1)]
+    t1_ms = (time.perf_counter() - t0) * 1e3
+    outs += [call(np.ascontiguousarray(x[i:i + 1])) for i in range(1, len(x))]
+    warmup, repeat, number = _plan(t1_ms, spec)
+    for _ in range(warmup):
+        call(x1)
+    if spec["kind"] == "ort":
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                call(x1)
+            times.append((time.perf_counter() - t0) * 1e3 / number)
+    else:
+        from dsconv_tvm.evaluate import time_main
+
+        _, times = time_main(vm, x1, repeat, number)
+    np.save(spec["outputs"], np.concatenate(outs).astype(np.float32))
+    return {**_stats(times), "warmup": warmup, "repeat": repeat, "number": number}
+
+
+def time_variant(kind: str, path: str, images_npy: str, args, work: str, tag: str) -> tuple[dict, np.ndarray]:
+    spec = {"kind": kind, "path": path, "images": images_npy, "warmup": args.warmup,
+            "repeat": args.repeat, "number": args.number, "threads": args.threads,
+            "budget_s": args.budget,
+            "outputs": os.path.join(work, f"{tag}_out.npy")}
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-child", json.dumps(spec)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = [ln for ln in res.stderr.splitlines() if ln.strip()][-3:]
+        raise RuntimeError(f"timing {tag} failed: {' | '.join(tail)}")
+    return json.loads(res.stdout.strip().splitlines()[-1]), np.load(spec["outputs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# tuning (cached) and building
+# ------------------------------------------------------------------------------------------------
+def tune_cached(model: bench_models.BenchModel, variant: str, args) -> tuple[str | None, dict]:
+    """(database dir or None, tuning info).  Tunes once per (model, variant, trials, target)."""
+    from dsconv_tvm.tuning import convergence, is_database_dir, tune_model
+
+    if args.no_tune or args.trials <= 0:
+        return None, {"tuned": False}
+    work = os.path.join(args.work_dir, args.target, model.name, f"{variant}_t{args.trials}")
+    marker = os.path.join(work, "bench_tune.json")
+    if os.path.isfile(marker) and is_database_dir(work):
+        with open(marker) as f:
+            return work, json.load(f)
+    log(f"{model.name} {variant}: tuning with {args.trials} trials -> {work}")
+    dsconv = variant.startswith("dsconv")
+    res = tune_model(model.path, args.target, work, dsconv_config(variant) if dsconv else None,
+                     trials=args.trials, trials_per_iter=args.trials_per_iter, dsconv=dsconv,
+                     log=lambda m: log(f"  {m}"))
+    final, reach_s, reach_n = convergence(res.history)
+    done = bool(res.history)          # a history exists once every task has been measured
+    info = {"tuned": True, "trials": args.trials, "tasks": len(res.tasks), "seconds": round(res.seconds, 1),
+            "failures": res.failures, "all_tasks_measured": done, "final_total_ms": final if done else None,
+            "within10_seconds": round(reach_s, 1) if done else None, "within10_trials": reach_n if done else None,
+            "history": res.history}
+    with open(marker + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(marker + ".tmp", marker)
+    return work, info
+
+
+def build_tvm_fp32(model_path: str, target: str, db_dir: str | None, out: str) -> dict:
+    """The fp32 model through the same pipeline (database: the tuned one, else shipped/default)."""
+    from dsconv_tvm.compiler import build, build_relax
+    from dsconv_tvm.frontend import load_onnx
+    from dsconv_tvm.targets import get_target
+    from dsconv_tvm.tuning import find_database
+
+    t0 = time.time()
+    spec = get_target(target)
+    loaded = load_onnx(model_path)
+    database, where = find_database(spec.name, db_dir)
+    tuned: list[str] = []
+    spec.export_library(build(build_relax(loaded, None)[0], spec, database, tuned), out)
+    from onnx import numpy_helper
+    weight_bytes = int(sum(numpy_helper.to_array(i).nbytes for i in loaded.model.graph.initializer))
+    return {"build_seconds": round(time.time() - t0, 1), "schedules": where, "tuned_functions": len(tuned),
+            "weight_bytes": weight_bytes}
+
+
+def build_dsconv(model_path: str, target: str, variant: str, db_dir: str | None, out: str):
+    from dsconv_tvm.compiler import compile_model
+
+    t0 = time.time()
+    result = compile_model(model_path, target, out, dsconv_config(variant), check=False, tuning_db=db_dir)
+    return result, time.time() - t0
+
+
+def dsconv_weight_bytes(result, fp32_total: int) -> dict:
+    """Deployed bytes: every fp32 tensor of the (BN-folded) model, with the converted convs' weights
+    replaced by their packed 4-bit weights + KDS scales."""
+    conv_fp32 = sum(l.fp32_bytes for l in result.report.converted)
+    conv_dep = sum(l.deployed_bytes for l in result.report.converted)
+    return {"weight_bytes": int(fp32_total - conv_fp32 + conv_dep),
+            "converted_fp32_bytes": int(conv_fp32), "converted_deployed_bytes": int(conv_dep),
+            "layers_converted": len(result.report.converted), "layers_kept": len(result.report.kept)}
+
+
+# ------------------------------------------------------------------------------------------------
+# per-layer report
+# ------------------------------------------------------------------------------------------------
+def layer_macs(layer) -> int:
+    n, co, oh, ow = layer.out_shape
+    return int(n * co * oh * ow * layer.in_shape[1] * layer.kernel[0] * layer.kernel[1])
+
+
+def dsconv_layer_of(report_layer, config):
+    """The :class:`DSConvLayer` the rewrite built for a converted layer (same fields as transform.py)."""
+    from dsconv_tvm.kernels import DSConvLayer
+
+    w = report_layer.weight_shape
+    return DSConvLayer(tuple(report_layer.in_shape), int(w[0]), (int(w[2]), int(w[3])), report_layer.geom,
+                       config.bits, config.block, config.mantissa, report_layer.unsigned, config.scale_dtype,
+                       report_layer.bias is not None, report_layer.activation)
+
+
+def standalone_layer_module(layer):
+    """A Relax module whose main calls the layer's PrimFunc once, as the model does (random weights)."""
+    from tvm import relax
+
+    from dsconv_tvm.kernels import dsconv_primfunc
+
+    rng = np.random.default_rng(0)
+    wshape = layer.weight_shape()
+    wp = rng.integers(0, 256 if layer.packed else 128, wshape).astype("uint8" if layer.packed else "int8")
+    xi = (rng.random((layer.groups, *layer.kernel, layer.out_channels)) * 0.01).astype(layer.scale_dtype)
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(dsconv_primfunc(layer), "dsconv_layer")
+    x = relax.Var("x", relax.TensorType(list(layer.in_shape), "float32"))
+    with bb.function("main", [x]):
+        cargs = [x, relax.const(wp), relax.const(xi)]
+        if layer.has_bias:
+            cargs.append(relax.const(np.zeros(layer.out_channels, np.float32)))
+        with bb.dataflow():
+            y = bb.emit_output(relax.call_tir(gv, cargs, relax.TensorType(list(layer.out_shape), "float32")))
+        bb.emit_func_output(y)
+    from dsconv_tvm.compiler import _with_input_shapes
+    from dsconv_tvm.frontend import LoadedModel
+    fake = LoadedModel("layer", None, {"x": list(layer.in_shape)}, {"x": "float32"}, [], [])
+    return _with_input_shapes(bb.get(), fake)
+
+
+def layer_report(model_name: str, variant: str, result, db_dir: str | None, args, peak: dict,
+                 work: str) -> list[dict]:
+    """Time the ``args.layers`` largest (by MACs) distinct DSConv layers standalone."""
+    from dsconv_tvm.compiler import build
+    from dsconv_tvm.targets import get_target
+    from dsconv_tvm.tuning import find_database
+
+    spec = get_target(args.target)
+    config = result.config
+    seen, rows = set(), []
+    layers = sorted(result.report.converted, key=lambda l: -layer_macs(dsconv_layer_of(l, config)))
+    for rl in layers:
+        layer = dsconv_layer_of(rl, config)
+        if layer in seen:
+            continue
+        seen.add(layer)
+        if len(rows) >= args.layers:
+            break
+        database, _ = find_database(spec.name, db_dir)
+        tuned: list[str] = []
+        so = os.path.join(work, f"{model_name}_{variant}_layer{len(rows)}.so")
+        spec.export_library(build(standalone_layer_module(layer), spec, database, tuned), so)
+        x = np.random.default_rng(1).random(layer.in_shape).astype(np.float32)
+        npy = os.path.join(work, "layer_x.npy")
+        np.save(npy, x)
+        t, _ = time_variant("tvm", so, npy, args, work, f"layer{len(rows)}")
+        macs = layer_macs(layer)
+        gops = 2 * macs / (t["median_ms"] * 1e-3) / 1e9
+        rows.append({"model": model_name, "variant": variant, "layer": rl.name,
+                     "in_shape": list(layer.in_shape), "out_shape": list(layer.out_shape),
+                     "kernel": list(layer.kernel), "strides": list(layer.geom.strides),
+                     "macs": macs, "median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
+                     "int_gops": gops, "fraction_of_peak": gops / peak["peak_gops"],
+                     "tuned": bool(tuned), "goal_3x3_ge64": layer.kernel == (3, 3) and layer.in_shape[1] >= 64
+                     and layer.out_channels >= 64})
+        log(f"  layer {rl.name} {layer.in_shape}->{layer.out_shape} k{layer.kernel}: "
+            f"{t['median_ms']:.3f} ms, {gops:.1f} GOP/s = {100 * gops / peak['peak_gops']:.1f} % of peak")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# one model
+# ------------------------------------------------------------------------------------------------
+def agreement(ref: np.ndarray, out: np.ndarray) -> dict:
+    r2, o2 = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+    return {"argmax_agree": float(np.mean(np.argmax(r2, 1) == np.argmax(o2, 1))),
+            "rel_l2": float(np.linalg.norm(r2 - o2) / max(np.linalg.norm(r2), 1e-30)),
+            "max_abs_diff": float(np.max(np.abs(r2 - o2)))}
+
+
+def bench_model(name: str, args, peak: dict, work: str) -> tuple[dict, list[dict]]:
+    model = bench_models.prepare(name, args.images, args.seed, log)
+    if model is None:
+        return {"model": name, "skipped": True}, []
+    images_npy = os.path.join(work, f"{model.name}_images.npy")
+    np.save(images_npy, model.images)
+    row = {"model": model.name, "source": model.source, "input_shape": list(model.images.shape[1:]),
+           "images": len(model.images), "variants": {}}
+    fp32_bytes = bench_models.initializer_bytes(model.path)
+    outs = {}
+    layers: list[dict] = []
+    for variant in args.variants:
+        v: dict = {"label": LABELS[variant]}
+        try:
+            if variant == "ort_fp32":
+                path, kind = model.path, "ort"
+                v["weight_bytes"] = fp32_bytes
+            elif variant == "ort_int8":
+                path, kind = int8_model(model, args), "ort"
+                v["weight_bytes"] = bench_models.initializer_bytes(path)
+            elif variant == "tvm_fp32":
+                db, v["tuning"] = tune_cached(model, variant, args)
+                path, kind = os.path.join(work, f"{model.name}_{variant}.so"), "tvm"
+                v.update(build_tvm_fp32(model.path, args.target, db, path))
+            else:
+                db, v["tuning"] = tune_cached(model, variant, args)
+                path, kind = os.path.join(work, f"{model.name}_{variant}.so"), "tvm"
+                result, secs = build_dsconv(model.path, args.target, variant, db, path)
+                folded_total = build_fp32_total(model.path)
+                v.update(dsconv_weight_bytes(result, folded_total))
+                v.update({"build_seconds": round(secs, 1), "schedules": result.schedules,
+                          "tuned_functions": len(result.tuned_functions)})
+                if args.layers and name in args.layer_models:
+                    layers += layer_report(model.name, variant, result, db, args, peak, work)
+            log(f"{model.name} {variant}: timing")
+            v["latency"], outs[variant] = time_variant(kind, path, images_npy, args, work,
+                                                       f"{model.name}_{variant}")
+            log(f"{model.name} {variant}: median {v['latency']['median_ms']:.3f} ms "
+                f"(min {v['latency']['min_ms']:.3f}, max {v['latency']['max_ms']:.3f})")
+        except Exception as exc:  # noqa: BLE001  (one variant failing must not lose the others)
+            v["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            log(f"{model.name} {variant}: FAILED {v['error']}")
+        row["variants"][variant] = v
+    ref = outs.get("ort_fp32")
+    for variant, v in row["variants"].items():
+        if ref is not None and variant in outs and variant != "ort_fp32":
+            v["vs_ort_fp32"] = agreement(ref, outs[variant])
+    add_ratios(row, fp32_bytes)
+    return row, layers
+
+
+def build_fp32_total(model_path: str) -> int:
+    """Bytes of every initializer of the BN-folded model (what the compiler sees)."""
+    from onnx import numpy_helper
+
+    from dsconv_tvm.frontend import load_onnx
+
+    loaded = load_onnx(model_path)
+    return int(sum(numpy_helper.to_array(i).nbytes for i in loaded.model.graph.initializer))
+
+
+def int8_model(model: bench_models.BenchModel, args) -> str:
+    import hashlib
+
+    key = hashlib.sha256(model.images.tobytes()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(model.path))[0]
+    path = os.path.join(bench_models.bench_cache(), f"{stem}_int8_qdq_pc_{key}.onnx")
+    if not os.path.exists(path):
+        log(f"{model.name}: ORT static int8 quantization (QDQ, per-channel) on {len(model.images)} images")
+        bench_models.quantize_int8(model.path, path, model.images)
+    return path
+
+
+def add_ratios(row: dict, fp32_bytes: int) -> None:
+    """Latency ratios to ORT fp32 / ORT int8 / TVM fp32 and weight bytes ratio to fp32."""
+    def med(variant):
+        v = row["variants"].get(variant, {})
+        return v.get("latency", {}).get("median_ms")
+
+    for variant, v in row["variants"].items():
+        m = med(variant)
+        if m is None:
+            continue
+        for base in ("ort_fp32", "ort_int8", "tvm_fp32"):
+            b = med(base)
+            v[f"ratio_to_{base}"] = m / b if b else None
+        if v.get("weight_bytes"):
+            v["weight_ratio_to_fp32"] = v["weight_bytes"] / fp32_bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------------
+CSV_FIELDS = ("model", "variant", "median_ms", "min_ms", "max_ms", "ratio_to_ort_fp32", "ratio_to_ort_int8",
+              "ratio_to_tvm_fp32", "weight_bytes", "weight_ratio_to_fp32", "argmax_agree", "rel_l2",
+              "tuning_trials", "tuning_seconds", "within10_trials", "within10_seconds", "schedules", "error")
+
+
+def flat_rows(results: dict) -> list[dict]:
+    rows = []
+    for m in results["models"]:
+        for variant, v in m.get("variants", {}).items():
+            lat = v.get("latency", {})
+            tun = v.get("tuning", {}) or {}
+            agr = v.get("vs_ort_fp32", {})
+            rows.append({"model": m["model"], "variant": variant, "median_ms": lat.get("median_ms"),
+                         "min_ms": lat.get("min_ms"), "max_ms": lat.get("max_ms"),
+                         "ratio_to_ort_fp32": v.get("ratio_to_ort_fp32"),
+                         "ratio_to_ort_int8": v.get("ratio_to_ort_int8"),
+                         "ratio_to_tvm_fp32": v.get("ratio_to_tvm_fp32"),
+                         "weight_bytes": v.get("weight_bytes"), "weight_ratio_to_fp32": v.get("weight_ratio_to_fp32"),
+                         "argmax_agree": agr.get("argmax_agree"), "rel_l2": agr.get("rel_l2"),
+                         "tuning_trials": tun.get("trials"), "tuning_seconds": tun.get("seconds"),
+                         "within10_trials": tun.get("within10_trials"),
+                         "within10_seconds": tun.get("within10_seconds"),
+                         "schedules": v.get("schedules"), "error": v.get("error")})
+    return rows
+
+
+def _f(x, fmt=".3f", none="-"):
+    return none if x is None else format(x, fmt)
+
+
+def _mb(n):
+    return "-" if n is None else f"{n / 2**20:.2f} MB"
+
+
+def markdown(results: dict) -> str:
+    out = io.StringIO()
+    mach = results["machine"]
+    peak = results["peak"]
+    out.write(f"Machine: {mach['cpu']} ({mach['llvm_cpu']}), {results['threads']} threads pinned to cores "
+              f"{results['cores']}; target {results['target']}; batch 1; {results['repeat']} x "
+              f"{results['number']} timed calls after {results['warmup']} warm-up calls (variants slower than "
+              f"the {results.get('budget', '?')} s budget: number 1 and fewer repeats, see the JSON); "
+              f"tuning budget {results['trials'] if not results['no_tune'] else 'none (--no-tune)'} trials "
+              f"per model and variant.\n\n")
+    out.write("| model | variant | median ms (min-max) | / ORT fp32 | / ORT int8 | / TVM fp32 | weights | "
+              "/ fp32 | argmax agree | rel. L2 vs ORT fp32 |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in flat_rows(results):
+        lat = "failed: " + r["error"] if r["error"] else \
+            f"{_f(r['median_ms'])} ({_f(r['min_ms'])}-{_f(r['max_ms'])})"
+        out.write(f"| {r['model']} | {LABELS[r['variant']]} | {lat} | {_f(r['ratio_to_ort_fp32'], '.2f')} | "
+                  f"{_f(r['ratio_to_ort_int8'], '.2f')} | {_f(r['ratio_to_tvm_fp32'], '.2f')} | "
+                  f"{_mb(r['weight_bytes'])} | {_f(r['weight_ratio_to_fp32'], '.3f')} | "
+                  f"{_f(r['argmax_agree'], '.2f')} | {_f(r['rel_l2'], '.3g')} |\n")
+    skipped = [m["model"] for m in results["models"] if m.get("skipped")]
+    if skipped:
+        out.write(f"\nSkipped: {', '.join(skipped)}.\n")
+    tuned = [r for r in flat_rows(results) if r["tuning_trials"]]
+    if tuned:
+        out.write("\nTuning cost (MetaSchedule + XGBoost; 'within 10 %' = first point where the sum of the "
+                  "tasks' best kernel times came within 10 % of its final value):\n\n"
+                  "| model | variant | trials | wall s | trials to within 10 % | s to within 10 % |\n"
+                  "|---|---|---|---|---|---|\n")
+        for r in tuned:
+            out.write(f"| {r['model']} | {LABELS[r['variant']]} | {r['tuning_trials']} | {_f(r['tuning_seconds'], '.0f')} | "
+                      f"{_f(r['within10_trials'], 'd')} | {_f(r['within10_seconds'], '.0f')} |\n")
+    out.write(f"\nint8 peak ({peak['isa']}): {peak['macs_per_cycle_per_core']} MACs/cycle/core x "
+              f"{peak['clock_hz'] / 1e9:.2f} GHz (measured sustained clock, {peak['cores']} threads) x "
+              f"{peak['cores']} cores x 2 ops = {peak['peak_gops']:.0f} GOP/s; the vpmaddubsw+vpmaddwd "
+              f"microbenchmark reaches {2 * peak['measured_avx2_gmacs']:.0f} GOP/s.\n")
+    out.write("\n| goal | measured | met |\n|---|---|---|\n")
+    for g in goals(results):
+        met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
+        out.write(f"| {g['goal']} | {_f(g['measured'], '.3f')} | {met} |\n")
+    if results.get("layers"):
+        out.write("\n| model | variant | layer | input | output | kernel | ms | integer GOP/s | % of peak | "
+                  "3x3, >= 64 ch |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for l in results["layers"]:
+            out.write(f"| {l['model']} | {l['variant']} | {l['layer']} | {'x'.join(map(str, l['in_shape']))} | "
+                      f"{'x'.join(map(str, l['out_shape']))} | {l['kernel'][0]}x{l['kernel'][1]}/{l['strides'][0]} | "
+                      f"{l['median_ms']:.3f} | {l['int_gops']:.1f} | {100 * l['fraction_of_peak']:.1f} | "
+                      f"{'yes' if l['goal_3x3_ge64'] else 'no'} |\n")
+    return out.getvalue()
+
+
+def goals(results: dict) -> list[dict]:
+    """The issue's goals, checked on this run's numbers (None where the run lacks the measurement)."""
+    out = []
+    rn = next((m for m in results["models"] if m["model"] == "resnet50" and not m.get("skipped")), None)
+    for variant in ("dsconv_b32", "dsconv_b64"):
+        v = (rn or {}).get("variants", {}).get(variant, {})
+        for base, limit in (("ort_fp32", 0.6), ("ort_int8", 0.9), ("tvm_fp32", 0.7)):
+            r = v.get(f"ratio_to_{base}")
+            out.append({"goal": f"ResNet-50 {LABELS[variant]} latency <= {limit} x {LABELS[base]}",
+                        "measured": r, "met": None if r is None else r <= limit})
+    w = (rn or {}).get("variants", {}).get("dsconv_b64", {}).get("weight_ratio_to_fp32")
+    out.append({"goal": "ResNet-50 deployed weight bytes at W4 B=64 <= 0.16 x fp32", "measured": w,
+                "met": None if w is None else w <= 0.16})
+    layers = [l for l in results.get("layers", []) if l["goal_3x3_ge64"]]
+    worst = min((l["fraction_of_peak"] for l in layers), default=None)
+    out.append({"goal": "3x3 convs with >= 64 channels (per-layer report): >= 50 % of the int8 peak "
+                        "(the worst such layer)", "measured": worst, "met": None if worst is None else worst >= 0.5})
+    return out
+
+
+def write_csv(results: dict, path: str) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in flat_rows(results):
+        w.writerow(r)
+    _atomic_text(path, buf.getvalue())
+
+
+def _atomic_text(path: str, text: str) -> None:
+    from dsconv_tvm.outputs import atomic_write
+
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def plot(results: dict, path: str) -> bool:
+    """Bar chart of latency relative to ORT fp32 (lower is better), one group per model."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install '.[bench]'): no chart")
+        return False
+    models = [m for m in results["models"] if not m.get("skipped")]
+    variants = [v for v in VARIANTS if any(v in m["variants"] for m in models)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) + 2), 4.5))
+    width = 0.8 / max(len(variants), 1)
+    for k, variant in enumerate(variants):
+        vals = [m["variants"].get(variant, {}).get("ratio_to_ort_fp32") or np.nan for m in models]
+        ax.bar(np.arange(len(models)) + (k - (len(variants) - 1) / 2) * width, vals, width,
+               label=LABELS[variant])
+    ax.set_yscale("log")                       # ratios span orders of magnitude
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(models)))
+    ax.set_xticklabels([m["model"] for m in models], rotation=20)
+    ax.set_ylabel("latency / ORT fp32 latency (lower is better)")
+    ax.set_title(f"batch 1, {results['threads']} threads, {results['machine']['cpu']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from dsconv_tvm.outputs import atomic_write
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return True
+
+
+def write_outputs(results: dict, out_dir: str, name: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    _atomic_text(base + ".json", json.dumps(results, indent=1, default=float))
+    write_csv(results, base + ".csv")
+    _atomic_text(base + ".md", markdown(results))
+    written = [base + ".json", base + ".csv", base + ".md"]
+    if plot(results, base + ".png"):
+        written.append(base + ".png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    from tvm.target import codegen
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    import onnxruntime
+    import tvm
+    return {"cpu": cpu, "llvm_cpu": str(codegen.llvm_get_system_cpu()), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "tvm": tvm.__version__}
+
+
+def ship_schedules(results: dict, args) -> str:
+    """Merge the best record per workload of every tuned database of this run into
+    schedules/<target>/ (what ``compile`` uses by default)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    dest = os.path.join(REPO, "schedules", args.target)
+    os.makedirs(dest, exist_ok=True)
+    dst = ms.database.JSONDatabase(work_dir=dest)
+    n = 0
+    for m in results["models"]:
+        for variant, v in m.get("variants", {}).items():
+            tun = v.get("tuning") or {}
+            if not tun.get("tuned") or not variant.startswith("dsconv") and not args.ship_fp32:
+                continue
+            src = os.path.join(args.work_dir, args.target, m["model"], f"{variant}_t{args.trials}")
+            ms.database.JSONDatabase(work_dir=src, allow_missing=False).dump_pruned(dst)
+            n += 1
+    log(f"merged {n} tuning databases into {dest}")
+    return dest
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                    help=f"models (default: all): {', '.join(bench_models.ALL_MODELS)} or .onnx paths")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--target", default="x86-avx2", help="TVM target (default x86-avx2)")
+    ap.add_argument("--trials", type=int, default=64, help="tuning trials per model and TVM variant (same "
+                                                           "budget for fp32 and DSConv; default 64)")
+    ap.add_argument("--trials-per-iter", type=int, default=16)
+    ap.add_argument("--no-tune", action="store_true", help="no tuning: shipped schedules, else defaults")
+    ap.add_argument("--work-dir", default=None, help="tuning databases (default ~/.cache/dsconv-tvm/bench/tune)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for ORT and TVM, pinned to the first "
+                                                           "THREADS allowed cores (default 2)")
+    ap.add_argument("--images", type=int, default=16, help="calibration = benchmark images (default 16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--number", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="seconds of timed calls per variant at most: slower variants get --number 1 "
+                         "and fewer repeats (at least 5; default 60)")
+    ap.add_argument("--layers", type=int, default=6, help="largest DSConv layers timed standalone (0: none)")
+    ap.add_argument("--layer-models", nargs="+", default=["resnet50", "vgg19", "resnet20"],
+                    help="models of the per-layer report")
+    ap.add_argument("--out-dir", default=os.path.join(REPO, "results"))
+    ap.add_argument("--name", default="benchmark_x86")
+    ap.add_argument("--ship", action="store_true", help="merge the tuned DSConv databases into schedules/<target>/")
+    ap.add_argument("--ship-fp32", action="store_true", help="with --ship: the fp32 databases too")
+    ap.add_argument("--time-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.work_dir is None:
+        args.work_dir = os.path.join(bench_models.bench_cache(), "tune")
+    return args
+
+
+def run(args) -> dict:
+    cores = sorted(os.sched_getaffinity(0))[:args.threads]
+    os.sched_setaffinity(0, cores)                      # children inherit: the same cores for all
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from dsconv_tvm.targets import get_target
+
+    spec = get_target(args.target)
+    clock = bench_peak.measure_clock(len(cores), bench_models.bench_cache())
+    peak = {**bench_peak.int8_peak(bench_peak.isa_of_target(spec), clock["clock_hz"], len(cores)),
+            "measured_avx2_gmacs": clock["measured_avx2_gmacs"], "clock_threads": clock["threads"]}
+    log(f"int8 peak {peak['peak_gops']:.0f} GOP/s ({peak['isa']}, {clock['clock_hz'] / 1e9:.2f} GHz x "
+        f"{len(cores)} cores)")
+    results = {"machine": machine_info(), "target": args.target, "threads": args.threads, "cores": cores,
+               "trials": args.trials, "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
+               "number": args.number, "budget": args.budget, "images": args.images, "peak": peak, "models": [], "layers": []}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="dsconv-bench-") as work:
+        for name in args.models:
+            log(f"== {name}")
+            row, layers = bench_model(name, args, peak, work)
+            results["models"].append(row)
+            results["layers"] += layers
+    results["seconds"] = round(time.time() - t0, 1)
+    results["goals"] = goals(results)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.time_child:
+        print(json.dumps(time_child(json.loads(args.time_child))))
+        return 0
+    results = run(args)
+    if args.ship:
+        ship_schedules(results, args)
+    written = write_outputs(results, args.out_dir, args.name)
+    print(markdown(results))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
