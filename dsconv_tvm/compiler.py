@@ -40,6 +40,10 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
                          if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False))
         return mod
 
+    if target.kind.name == "cuda":           # GPU: dlight GPU rules + the CUDA DSConv rule
+        from .cuda import relax_pipeline as cuda_pipeline
+        return cuda_pipeline(target, database, _record)
+
     @tvm.transform.module_pass(opt_level=0, name="DSConvPipeline")
     def _pipeline(mod, _ctx):
         with target, (database if database is not None else contextlib.nullcontext()):
@@ -66,9 +70,11 @@ def build_relax(loaded: LoadedModel, config: DSConvConfig | None):
     return rewrite_dsconv(mod, loaded, config)
 
 
-def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig):
-    """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report)."""
-    rewrite = DSConvRewrite(config, loaded.conv_names)
+def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig, spec: TargetSpec | None = None):
+    """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report).
+    ``spec``: the target, when its DSConv kernels differ from the CPU ones (CUDA)."""
+    from .cuda import kernels_for
+    rewrite = DSConvRewrite(config, loaded.conv_names, kernels_for(spec) if spec is not None else None)
     return rewrite(fp32_mod), rewrite.report
 
 
@@ -90,12 +96,12 @@ def build(mod, spec: TargetSpec, database=None, tuned: list | None = None):
     return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, database, tuned))
 
 
-def run_executable(ex, inputs: list[np.ndarray]) -> np.ndarray:
-    """Run ``main`` of a host executable (or a loaded .so) on numpy inputs."""
+def run_executable(ex, inputs: list[np.ndarray], dev=None) -> np.ndarray:
+    """Run ``main`` of a host executable (or a loaded .so) on numpy inputs (on ``dev``, default CPU)."""
     import tvm
     from tvm import relax
 
-    dev = tvm.cpu()
+    dev = dev or tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs])
     if not hasattr(out, "numpy"):          # a tuple of outputs: the first
@@ -159,7 +165,7 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     log(f"loaded {model_path}: inputs {loaded.input_shapes}, {len(loaded.conv_names)} Conv nodes, "
         f"{len(loaded.folded_bn)} BatchNormalization folded")
     fp32_mod, _ = build_relax(loaded, None)
-    mod, report = rewrite_dsconv(fp32_mod, loaded, config)
+    mod, report = rewrite_dsconv(fp32_mod, loaded, config, spec)
     log(f"rewrote {len(report.converted)} of {len(report.layers)} convs to DSConv; compiling for {spec.name}")
     from .tuning import find_database
     database, where = find_database(spec.name, tuning_db)
@@ -171,12 +177,13 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     if not report.layers:
         result.notes.append("warning: the model has no convolution; it was compiled without DSConv layers")
     if check:
-        result.agreement = _agreement(loaded, spec, output, mod, fp32_mod)
+        result.agreement = _agreement(loaded, spec, output, mod, fp32_mod, config)
     result.seconds = time.time() - t0
     return result
 
 
-def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod) -> Agreement:
+def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod,
+               config: DSConvConfig | None = None) -> Agreement:
     """fp32 (TVM, host) vs DSConv on a sample input."""
     import tvm
 
@@ -184,8 +191,12 @@ def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, f
     inputs = sample_inputs(loaded)
     ref = run_executable(build(fp32_mod, host), inputs)
     if spec.runs_here():
-        out = run_executable(tvm.runtime.load_module(os.path.abspath(output)), inputs)
+        dev = tvm.cuda(0) if spec.cuda is not None else None
+        out = run_executable(tvm.runtime.load_module(os.path.abspath(output)), inputs, dev)
         where = "the compiled .so"
+    elif spec.cuda is not None:          # GPU layout: compare the same quantization on CPU kernels
+        out = run_executable(build(rewrite_dsconv(fp32_mod, loaded, config)[0], host), inputs)
+        where = "a host build of the same DSConv model (CPU kernels)"
     else:
         out = run_executable(build(dsconv_mod, host), inputs)
         where = "a host build of the same DSConv model"

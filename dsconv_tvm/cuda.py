@@ -728,3 +728,38 @@ def device_code(path: str) -> list[tuple[str, bytes]]:
             continue
         found.append((fmt.decode(), code))
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# hooks used by targets.py / compiler.py
+# --------------------------------------------------------------------------------------------------
+def resolve_target_dict(spec, d: dict) -> dict:
+    """The TVM target dict of a CUDA target spec; ``detect_host`` targets get the arch of this
+    machine's GPU (nvidia-smi or $DSCONV_CUDA_ARCH) and the detected host CPU."""
+    if not spec.detect_host:
+        return d
+    arch = detect_gpu_arch()
+    if arch is None:
+        raise TargetError(f"target '{spec.name}': no NVIDIA GPU found (nvidia-smi missing or lists none); "
+                          f"set DSCONV_CUDA_ARCH=sm_XY to compile for one, or use a jetson-* target")
+    from .targets import get_target
+
+    d["arch"] = arch
+    d["host"] = get_target("x86").resolved_target_dict()
+    return d
+
+
+def spec_arch(spec) -> str:
+    return str(spec.resolved_target_dict()["arch"])
+
+
+def export_options(spec) -> dict:
+    """``export_library`` keyword arguments for a CUDA target: pack PTX, not CUDA source."""
+    if not nvrtc_available():
+        raise TargetError(f"target '{spec.name}' needs NVRTC 11.8 to put PTX into the .so; {NVRTC_HINT}")
+    return {"fpack_imports": pack_imports(spec_arch(spec), (spec.cuda or {}).get("ptx_version"))}
+
+
+def kernels_for(spec) -> Kernels | None:
+    """The DSConv kernel family of a target: :class:`Kernels` for CUDA targets, None (CPU) else."""
+    return Kernels(spec_arch(spec)) if spec.cuda is not None else None

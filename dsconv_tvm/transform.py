@@ -136,8 +136,11 @@ class DSConvRewrite:
     ``self.report`` is a :class:`ConversionReport`.
     """
 
-    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None):
+    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None,
+                 kernels=None):
         self.config = config or DSConvConfig()
+        # another kernel family (its own PrimFunc and weight layout): cuda.Kernels for GPU targets
+        self.kernels = kernels
         self.layer_names = list(layer_names) if layer_names else None
         self.report = ConversionReport()
 
@@ -258,9 +261,10 @@ class DSConvRewrite:
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
                             cfg.bits, cfg.block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation)
-        wp = pack_weights(qw.q, cfg.bits, cfg.block)
-        xi = pack_scales(qw.xi, cfg.scale_dtype)
-        gv = bb.add_func(dsconv_primfunc(layer), f"dsconv_{_ident(name)}")
+        k = self.kernels
+        wp = (k.pack_weights if k else pack_weights)(qw.q, cfg.bits, cfg.block)
+        xi = (k.pack_scales if k else pack_scales)(qw.xi, cfg.scale_dtype)
+        gv = bb.add_func((k.primfunc if k else dsconv_primfunc)(layer), f"dsconv_{_ident(name)}")
         args = [data, relax.const(wp), relax.const(xi)]
         if bias is not None:
             args.append(relax.const(bias))
