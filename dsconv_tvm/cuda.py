@@ -474,6 +474,33 @@ def default_schedule_pass():
                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())
 
 
+def legalize_passes(target) -> list:
+    """CUDA library dispatch + legalize + fusion, without TVM's dlight pass (what tuning extracts)."""
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda_pipe
+
+    return cuda_pipe.library_dispatch_passes(target) + [
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def tuning_worker_init() -> None:
+    """MetaSchedule builder worker initializer for CUDA targets."""
+    from .tuning import cpu_intrinsics_only
+
+    cpu_intrinsics_only()
+    register_codegen_hook()
+
+
+def tuning_export(arch: str, ptx_version: str | None = None):
+    """MetaSchedule ``f_export``: candidates exported with PTX (the runner needs no compile callback)."""
+    def export(mod) -> str:        # runs in the builder worker
+        path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        mod.export_library(path, fpack_imports=pack_imports(arch, ptx_version, check_ptxas=False))
+        return path
+    return export
+
+
 def relax_pipeline(target, database=None, record=None):
     """TVM's CUDA Relax pipeline with the tuning database, then the DSConv rule, in front of the
     dlight GPU rules.  ``record`` is the pass that lists the functions the database scheduled."""
@@ -491,9 +518,7 @@ def relax_pipeline(target, database=None, record=None):
             apply_db = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] \
                 + ([record] if record is not None else []) if database is not None else []
             seq = tvm.transform.Sequential(
-                cuda_pipe.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+                legalize_passes(target)
                 + apply_db
                 + [default_schedule_pass()]
                 + cuda_pipe.dataflow_lower_passes(target)

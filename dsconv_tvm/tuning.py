@@ -203,7 +203,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import meta_schedule as ms
 
-    from .compiler import build_relax
+    from .compiler import build_relax, rewrite_dsconv
     from .frontend import load_onnx
     from .targets import get_target
 
@@ -218,11 +218,16 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         raise OutputError(f"cannot write the tuning database to {work_dir}")
     cpu_intrinsics_only()
     loaded = load_onnx(model_path, input_shapes)
-    mod, _ = build_relax(loaded, config or DSConvConfig())
+    fp32_mod, _ = build_relax(loaded, None)
+    mod, _ = rewrite_dsconv(fp32_mod, loaded, config or DSConvConfig(), spec)   # CUDA: its own kernels
     target = spec.tvm_target()
     with target:
-        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
-                                       + cpu_generic.legalize_passes(target))(mod)
+        if spec.cuda is not None:
+            from . import cuda
+            legalize = cuda.legalize_passes(target)
+        else:
+            legalize = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+        mod = tvm.transform.Sequential(legalize)(mod)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     # spend the trials where the time goes: drop tasks below 1 % of the largest task's FLOPs
     flops = [_flops(t.dispatched[0]) * float(t.weight) for t in extracted]
@@ -234,7 +239,12 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, work_dir, seed=seed, num_threads=max(1, os.cpu_count() or 1))
     export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
-    builder = ms.builder.LocalBuilder(initializer=cpu_intrinsics_only, timeout_sec=120,
+    init = cpu_intrinsics_only
+    if spec.cuda is not None:          # GPU: candidates carry PTX; the dp4a definition in every worker
+        from . import cuda
+        init = cuda.tuning_worker_init
+        export = cuda.tuning_export(str(target.attrs["arch"]), spec.cuda.get("ptx_version"))
+    builder = ms.builder.LocalBuilder(initializer=init, timeout_sec=120,
                                       **({"f_export": export} if export else {}))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if tracker:
