@@ -43,6 +43,10 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
                          if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False))
         return mod
 
+    if target.kind.name == "cuda":           # GPU: dlight GPU rules + the CUDA DSConv rule
+        from .cuda import relax_pipeline as cuda_pipeline
+        return cuda_pipeline(target, database, _record)
+
     @tvm.transform.module_pass(opt_level=0, name="DSConvPipeline")
     def _pipeline(mod, _ctx):
         with target, (database if database is not None else contextlib.nullcontext()):
@@ -71,11 +75,14 @@ def build_relax(loaded: LoadedModel, config: DSConvConfig | None, spec: TargetSp
 
 def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig, spec: TargetSpec | None = None):
     """``DSConvRewrite`` on an imported module (which stays as it is); (new module, report).
-    ``spec`` picks how the layers store their mantissas (what the target's dot product takes)."""
+    ``spec`` picks the kernels: how the CPU layers store their mantissas (what the target's dot
+    product takes), or the CUDA kernel family for GPU targets."""
+    from .cuda import kernels_for
     from .intrinsics import activation_dtype
 
-    act = activation_dtype(spec.tvm_target()) if spec is not None else "uint8"
-    rewrite = DSConvRewrite(config, loaded.conv_names, act)
+    kernels = kernels_for(spec) if spec is not None else None
+    act = activation_dtype(spec.tvm_target()) if spec is not None and kernels is None else "uint8"
+    rewrite = DSConvRewrite(config, loaded.conv_names, act, kernels)
     return rewrite(fp32_mod), rewrite.report
 
 
@@ -97,12 +104,12 @@ def build(mod, spec: TargetSpec, database=None, tuned: list | None = None):
     return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, database, tuned))
 
 
-def run_executable(ex, inputs: list[np.ndarray]) -> np.ndarray:
-    """Run ``main`` of a host executable (or a loaded .so) on numpy inputs."""
+def run_executable(ex, inputs: list[np.ndarray], dev=None) -> np.ndarray:
+    """Run ``main`` of a host executable (or a loaded .so) on numpy inputs (on ``dev``, default CPU)."""
     import tvm
     from tvm import relax
 
-    dev = tvm.cpu()
+    dev = dev or tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs])
     if not hasattr(out, "numpy"):          # a tuple of outputs: the first
@@ -178,12 +185,13 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     if not report.layers:
         result.notes.append("warning: the model has no convolution; it was compiled without DSConv layers")
     if check:
-        result.agreement = _agreement(loaded, spec, output, mod, fp32_mod)
+        result.agreement = _agreement(loaded, spec, output, mod, fp32_mod, config)
     result.seconds = time.time() - t0
     return result
 
 
-def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod) -> Agreement:
+def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod,
+               config: DSConvConfig | None = None) -> Agreement:
     """fp32 (TVM, host) vs DSConv on a sample input."""
     import tvm
 
@@ -191,8 +199,12 @@ def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, f
     inputs = sample_inputs(loaded)
     ref = run_executable(build(fp32_mod, host), inputs)
     if spec.runs_here():
-        out = run_executable(tvm.runtime.load_module(os.path.abspath(output)), inputs)
+        dev = tvm.cuda(0) if spec.cuda is not None else None
+        out = run_executable(tvm.runtime.load_module(os.path.abspath(output)), inputs, dev)
         where = "the compiled .so"
+    elif spec.cuda is not None:          # GPU layout: compare the same quantization on CPU kernels
+        out = run_executable(build(rewrite_dsconv(fp32_mod, loaded, config)[0], host), inputs)
+        where = "a host build of the same DSConv model (CPU kernels)"
     else:
         out = run_executable(build(dsconv_mod, host), inputs)
         where = "a host build of the same DSConv model"

@@ -61,7 +61,7 @@ _REQUIRED_KEYS = {
     "runs_on_host": bool,
     "features": list,
 }
-_OPTIONAL_KEYS = {"detect_host": bool}
+_OPTIONAL_KEYS = {"detect_host": bool, "cuda": dict}  # cuda: see dsconv_tvm/cuda.py
 
 # x86 features that only run if the CPU really has them (what makes a .so fail with SIGILL).
 _X86_ISA_FEATURES = frozenset(HOST_FEATURE_NAMES)
@@ -100,11 +100,15 @@ class TargetSpec:
     runs_on_host: bool
     features: tuple[str, ...]
     detect_host: bool = False
+    cuda: dict | None = field(default=None, hash=False)   # CUDA targets: {"ptx_version": ...}
 
     # ---- TVM target ------------------------------------------------------------------------------
     def resolved_target_dict(self) -> dict[str, Any]:
         """The TVM target dict; for ``detect_host`` targets, built from the host CPU now."""
         d = json.loads(json.dumps(self.tvm_target_dict))  # deep copy
+        if self.cuda is not None:                          # GPU arch (+ host CPU) detection
+            from .cuda import resolve_target_dict
+            return resolve_target_dict(self, d)
         if not self.detect_host:
             return d
         from tvm.target import codegen
@@ -190,6 +194,9 @@ class TargetSpec:
             raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
         try:
             kwargs = {"cc": cc} if cc is not None else {}
+            if self.cuda is not None:          # PTX instead of CUDA source in the .so
+                from .cuda import export_options
+                kwargs.update(export_options(self))
             executable.export_library(tmp, **kwargs)
             _chmod_like_new_file(tmp, 0o755)
             os.replace(tmp, out)
@@ -216,6 +223,9 @@ class TargetSpec:
 
     def runs_here(self) -> bool:
         """Whether a ``.so`` built for this target can be loaded and run on this machine."""
+        if self.cuda is not None:
+            from .cuda import gpu_present
+            return self.runs_on_host and host_machine() == "x86-64" and gpu_present()
         if not self.runs_on_host or platform.machine().lower() not in ("x86_64", "amd64"):
             return False
         if self.detect_host:
@@ -284,6 +294,8 @@ def load_target_file(path: str | os.PathLike) -> TargetSpec:
     detect_host = raw.get("detect_host", False)
     if tdict["kind"] == "llvm" and not detect_host and not isinstance(tdict.get("num-cores"), int):
         raise TargetError(f"target file {p}: llvm tvm_target needs an integer 'num-cores'")
+    if (tdict["kind"] == "cuda") != isinstance(raw.get("cuda"), dict):
+        raise TargetError(f"target file {p}: a cuda tvm_target and the 'cuda' key go together")
     if raw["elf_machine"] not in ELF_MACHINES.values():
         raise TargetError(
             f"target file {p}: elf_machine must be one of {', '.join(ELF_MACHINES.values())}"
@@ -305,6 +317,7 @@ def load_target_file(path: str | os.PathLike) -> TargetSpec:
         runs_on_host=raw["runs_on_host"],
         features=tuple(raw["features"]),
         detect_host=detect_host,
+        cuda=raw.get("cuda"),
     )
 
 

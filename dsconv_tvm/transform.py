@@ -137,8 +137,10 @@ class DSConvRewrite:
     """
 
     def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None,
-                 act_dtype: str = "uint8"):
+                 act_dtype: str = "uint8", kernels=None):
         self.config = config or DSConvConfig()
+        # another kernel family (its own PrimFunc and weight layout): cuda.Kernels for GPU targets
+        self.kernels = kernels
         self.layer_names = list(layer_names) if layer_names else None
         self.act_dtype = act_dtype          # mantissa storage of the target's dot product
         self.report = ConversionReport()
@@ -258,7 +260,7 @@ class DSConvRewrite:
                 nxt = next_op(end)
         # a residual add (another tensor of the output's shape, computed before this conv's user)
         residual = None
-        if nxt is not None and _is_call(bindings[nxt], "relax.add"):
+        if nxt is not None and self.kernels is None and _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
@@ -285,9 +287,14 @@ class DSConvRewrite:
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
                             cfg.bits, cfg.block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation, self.act_dtype, residual is not None)
-        params = layer_params(layer, qw.q, qw.xi, bias)
+        k = self.kernels
+        if k is None:
+            params = layer_params(layer, qw.q, qw.xi, bias)
+        else:
+            params = [k.pack_weights(qw.q, cfg.bits, cfg.block), k.pack_scales(qw.xi, cfg.scale_dtype)]
+            params += [bias] if bias is not None else []
         wp, xi = params[:2]
-        gv = bb.add_func(dsconv_primfunc(layer), f"dsconv_{_ident(name)}")
+        gv = bb.add_func((k.primfunc if k else dsconv_primfunc)(layer), f"dsconv_{_ident(name)}")
         args = [data, *[relax.const(a) for a in params]]
         if residual is not None:
             args.append(residual)

@@ -248,7 +248,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import meta_schedule as ms
 
-    from .compiler import build_relax
+    from .compiler import build_relax, rewrite_dsconv
     from .frontend import load_onnx
     from .targets import get_target
 
@@ -265,11 +265,18 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from .schedule import register_metaschedule_rule
     register_metaschedule_rule()
     loaded = load_onnx(model_path, input_shapes)
-    mod, _ = build_relax(loaded, (config or DSConvConfig()) if dsconv else None, spec)
+    fp32_mod, _ = build_relax(loaded, None)
+    mod = fp32_mod
+    if dsconv:                              # CUDA: its own kernels (rewrite_dsconv picks them)
+        mod, _ = rewrite_dsconv(fp32_mod, loaded, config or DSConvConfig(), spec)
     target = spec.tvm_target()
     with target:
-        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
-                                       + cpu_generic.legalize_passes(target))(mod)
+        if spec.cuda is not None:
+            from . import cuda
+            legalize = cuda.legalize_passes(target)
+        else:
+            legalize = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+        mod = tvm.transform.Sequential(legalize)(mod)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     # spend the trials where the time goes: drop tasks below 1 % of the largest task's FLOPs
     flops = [_flops(t.dispatched[0]) * float(t.weight) for t in extracted]
@@ -281,7 +288,12 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     contexts, weights = _tune_contexts(extracted, work_dir, seed)
     _quiet_metaschedule_console()           # creating the contexts configures the loggers again
     export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
-    builder = ms.builder.LocalBuilder(initializer=cpu_intrinsics_only, timeout_sec=120,
+    init = cpu_intrinsics_only
+    if spec.cuda is not None:          # GPU: candidates carry PTX; the dp4a definition in every worker
+        from . import cuda
+        init = cuda.tuning_worker_init
+        export = cuda.tuning_export(str(target.attrs["arch"]), spec.cuda.get("ptx_version"))
+    builder = ms.builder.LocalBuilder(initializer=init, timeout_sec=120,
                                       **({"f_export": export} if export else {}))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if tracker:
