@@ -83,6 +83,7 @@ def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch
                              f"(node '{node.name or node.output[0]}')")
 
     model = copy.deepcopy(model)
+    sum_to_add(model)
     folded = fold_conv_batchnorm(model)
     _name_nodes(model)
 
@@ -134,6 +135,17 @@ def _name_nodes(model) -> None:
                 name += "_"
             node.name = name
             used.add(name)
+
+
+def sum_to_add(model) -> int:
+    """Rewrite every two-input ``Sum`` (old exporters' residual add) into ``Add``, the op the DSConv
+    pass fuses into a conv's epilogue; returns how many.  Same math (elementwise, broadcasting)."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Sum" and len(node.input) == 2:
+            node.op_type = "Add"
+            count += 1
+    return count
 
 
 def fold_conv_batchnorm(model) -> list[str]:

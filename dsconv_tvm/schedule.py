@@ -86,11 +86,12 @@ def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
     intrin = dot_intrin(func, target)
     if intrin is not None and co % intrin.lanes == 0:
         lanes = intrin.lanes
-        vls = [v for v in (2 * lanes, lanes, 4 * lanes) if co % v == 0]
+        # one vector of output channels per tile measured fastest (2 and 4 vectors spill)
+        vls = [v for v in (lanes, 2 * lanes) if co % v == 0]
     else:
         lanes = _vector_lanes(target)
         vls = [_largest_divisor(co, [2 * lanes, lanes, lanes // 2, 4, 2])]
-    qts = [q for q in (4, 6, 3, 2, 7, 8) if ow % q == 0 and q <= ow] or [1]
+    qts = [q for q in (4, 2, 7, 3, 6, 8) if ow % q == 0 and q <= ow] or [1]
     if ow <= 8 and ow not in qts:
         qts.insert(0, ow)
     return [(v, q) for q in qts[:3] for v in vls[:2]]
@@ -223,6 +224,101 @@ class DSConvCPU(dlight.ScheduleRule):
         return schedule_dsconv_cpu(func, target)
 
 
+def _conv_block(sch: s_tir.Schedule, func: tirx.PrimFunc):
+    """The conv reduction block of a legalized fp32 conv2d PrimFunc (TOPI's conv2d_nchw,
+    depthwise_conv2d_nchw, group_conv2d_nchw with a fused elementwise epilogue), or None."""
+    convs = []
+    for blk in _all_blocks(sch):
+        b = sch.get(blk)
+        kinds = "".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
+                        for iv in b.iter_vars)
+        if kinds in ("SSSSRRR", "SSSSRR") and "conv2d" in b.name_hint and b.writes[0].source.dtype == "float32":
+            convs.append(blk)
+    return convs[0] if len(convs) == 1 else None
+
+
+def _all_blocks(sch: s_tir.Schedule):
+    root = sch.get_sblock("root") if _get_block(sch, "root") is not None else None
+    return sch.get_child_blocks(root) if root is not None else []
+
+
+def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """Default schedule of the fp32 convs DSConv keeps (first layer, depthwise): a register tile of
+    ``FT`` output channels x ``XT`` output pixels of a row (vectorized along the row), the
+    reduction over input channels and taps outside it, rows in parallel, the padded input rows a
+    row needs made per row, bias/ReLU applied to the tile.  Returns None if ``func`` is not one."""
+    sch = s_tir.Schedule(func)
+    conv = _conv_block(sch, func)
+    if conv is None:
+        return None
+    loops = sch.get_loops(conv)
+    if len(loops) not in (6, 7):
+        return None
+    n_, f_, y_, x_ = loops[:4]
+    reds = loops[4:]
+    co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    lanes = 16 if _vector_lanes(target) == 16 else 8
+    xt = _largest_divisor(ow, [2 * lanes, lanes, 14, 7, 12, 6, 4]) if ow > 2 * lanes else ow
+    ft = _largest_divisor(co, [4, 2]) if xt >= lanes else _largest_divisor(co, [8, 4, 2])
+    # elementwise consumers (bias, ReLU, ...): inline into the last one, applied per tile
+    consumers = sch.get_consumers(conv)
+    while len(consumers) == 1:
+        nxt = sch.get_consumers(consumers[0])
+        if len(nxt) != 1:
+            break
+        try:
+            sch.compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001  (not an injective elementwise op: leave it)
+            break
+        consumers = nxt
+    fo, fi = sch.split(f_, [None, ft])
+    xo, xi = sch.split(x_, [None, xt])
+    sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
+    outer = sch.fuse(n_, fo, y_)
+    sch.parallel(outer)
+    cw = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+    for c in consumers:
+        if c is not None and _get_block_rv_alive(sch, c):
+            try:
+                sch.reverse_compute_at(c, xo, preserve_unit_loops=True)
+                sch.vectorize(sch.get_loops(c)[-1])
+            except Exception:  # noqa: BLE001
+                pass
+    sch.vectorize(sch.get_loops(cw)[-1])
+    pad = _get_block(sch, "pad_temp") or _get_block(sch, "PaddedInput")
+    if pad is not None:
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    sch.unroll(fi)
+    sch.vectorize(xi)
+    sch.decompose_reduction(conv, reds[0])
+    return sch
+
+
+def _get_block_rv_alive(sch: s_tir.Schedule, blk) -> bool:
+    try:
+        sch.get(blk)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class FP32ConvCPU(dlight.ScheduleRule):
+    """Default schedule of the fp32 convs a DSConv model keeps (see :func:`schedule_fp32_conv`)."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, _tunable):
+        if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc) or is_dsconv(func):
+            return None
+        try:
+            return schedule_fp32_conv(func, target)
+        except Exception:  # noqa: BLE001  (a conv this rule cannot handle: the fallback takes it)
+            return None
+
+
 class ParallelFallback(dlight.ScheduleRule):
     """Every other PrimFunc on a CPU (the convs kept in fp32, pooling, dense, elementwise ops):
     run its outer spatial loops on all cores, and vectorize the innermost loop of purely
@@ -266,4 +362,4 @@ class ParallelFallback(dlight.ScheduleRule):
 def default_schedule_pass():
     """The pass that gives every DSConv PrimFunc of a module its default schedule, and every other
     PrimFunc the parallel fallback (functions already scheduled, e.g. tuned, are left alone)."""
-    return dlight.ApplyDefaultSchedule(DSConvCPU(), ParallelFallback())
+    return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), ParallelFallback())
