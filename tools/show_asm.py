@@ -15,33 +15,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tvm  # noqa: E402
 
+from dsconv_tvm.intrinsics import activation_dtype, isa_of  # noqa: E402
 from dsconv_tvm.kernels import DSConvLayer, dsconv_primfunc  # noqa: E402
 from dsconv_tvm.reference import ConvGeometry  # noqa: E402
 from dsconv_tvm.schedule import schedule_dsconv_cpu  # noqa: E402
 from dsconv_tvm.targets import get_target  # noqa: E402
 
 PATTERNS = {
-    "x86": r"\b(vpmaddwd|vpmaddubsw|vpdpbusd|vpmulld|vpaddd|vpmovsxbd|vpmovzxbd|vpmovsxbw|vpmovzxbw|"
-           r"vpsrad|vpslld|vpsraw|vpsllw|vcvtdq2ps|vfmadd\w+ps)\b",
-    "arm": r"\b(smlal2?|umlal2?|smull2?|umull2?|sadalp|mla|mul|sdot|udot|sshll2?|ushll2?|sshr|shl|scvtf|fmla)\b",
+    "x86": r"\b(vpmaddwd|vpmaddubsw|vpdpbusd|vpmulld|vpaddd|vpaddw|vpmovsxbd|vpmovzxbd|vpmovsxbw|vpmovzxbw|"
+           r"vpsrad|vpslld|vpsraw|vpsllw|vpsrlw|vpand|vpxor|vpsubb|vcvtdq2ps|vfmadd\w+ps)\b",
+    "arm": r"\b(smlal2?|umlal2?|smull2?|umull2?|sadalp|addp|mla|mul|sdot|udot|sshll2?|ushll2?|sshr|shl|and|"
+           r"eor|sub|scvtf|fmla)\b",
     "armv7": r"\b(vmla\.i32|vmlal\.s16|vmul\.i32|vmull\.s16|vmovl\.[su]\d+|vshr\.s\d+|vshl\.i\d+|vcvt\.f32\.s32|vmla\.f32)\b",
 }
 
 
 def main(names):
-    layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
-                        "float32", True, "relu")
     for name in names:
         spec = get_target(name)
         target = spec.tvm_target()
+        layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
+                            "float32", True, "relu", activation_dtype(target))
         func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
         asm = tvm.compile(schedule_dsconv_cpu(func, target).mod, target).mod.inspect_source("asm")
         kind = "armv7" if spec.elf_machine == "ARM" else ("arm" if spec.elf_machine == "AArch64" else "x86")
         counts = collections.Counter(m.group(1) for m in re.finditer(PATTERNS[kind], asm))
-        print(f"== {name} ({target.attrs.get('mcpu', '')}): SIMD integer/convert instructions in the kernel")
+        print(f"== {name} ({target.attrs.get('mcpu', '')}, dot product: {isa_of(target) or 'none'}): "
+              f"SIMD integer/convert instructions in the kernel")
         for op, n in counts.most_common():
             print(f"   {op:<12} {n}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["x86-avx2", "rpi4", "rpi5", "rpi-armv7"])
+    main(sys.argv[1:] or ["x86-avx2", "x86-vnni", "rpi4", "rpi5", "rpi-armv7"])
