@@ -135,7 +135,7 @@ def test_ort_int8_is_close_to_fp32(tmp_path):
 
 def test_int8_peak_formula():
     p = bp.int8_peak("avx2", 4.0e9, 2)
-    assert p["peak_gops"] == pytest.approx(2 * 32 * 4.0 * 2)
+    assert p["peak_gops"] == pytest.approx(2 * 64 * 4.0 * 2)
     assert bp.int8_peak("avx512vnni", 3.0e9, 1)["peak_gops"] == pytest.approx(2 * 64 * 3.0)
     with pytest.raises(ValueError):
         bp.int8_peak("sse2", 1e9, 1)
