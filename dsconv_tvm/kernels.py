@@ -8,16 +8,17 @@ from the real input:
 2. ``bfp_m``  integer mantissas, channel-innermost ``[N, G, Hp, Wp, Bp]`` (padded: channels to
    ``Bp`` slots per block, pixels to the conv padding), stored as ``act_dtype`` (see below)
    ``bfp_s``  the block scales 2^(e - f), exact powers of two built from exponent bits
-3. ``w_unpack`` 4-bit weights sign-extended from the packed bytes to int8 (one small tile at a time
-   in the schedule: the packed bytes are what the .so holds)
+3. ``w_unpack`` 4-bit weights taken from the packed bytes as ``w + 8`` (one nibble: one ``and`` or
+   shift, one small tile at a time in the schedule: the packed bytes are what the .so holds)
+   ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4 only)
    ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap
-4. ``dsconv_out``  float32 sum over blocks and taps of (acc - corr) * xi * scale
+4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (none / relu)
 
 Weight layout in the .so (``pack_weights``), built for 4-channel integer dot-product instructions
 (x86 vpmaddubsw / vpdpbusd, ARM sdot): within a block, channel ``c = 8*k + 4*h + t`` of output
-channel ``o`` lives at ``wp[G, KH, KW, k, o, t]``; for b <= 4 the byte holds ``h = 0`` in its low
-nibble and ``h = 1`` in its high nibble (shape ``[G, KH, KW, Bp/8, CO, 4]`` uint8, ``Bp`` = block
+channel ``o`` lives at ``wp[G, KH, KW, k, o, t]``; for b <= 4 the byte holds ``w + 8`` (offset
+binary, 0..15) of ``h = 0`` in its low nibble and of ``h = 1`` in its high nibble (shape ``[G, KH, KW, Bp/8, CO, 4]`` uint8, ``Bp`` = block
 rounded up to 8); for b > 4 it is ``[G, KH, KW, Bp/4, CO, 4]`` int8.
 Slots beyond the real channels hold zero weights.  Scales ``xi[G, KH, KW, CO]``.
 
@@ -119,7 +120,7 @@ def pack_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
     if bits > 4:                                                # [G, KH, KW, Bp/4, CO, 4] int8
         return np.ascontiguousarray(
             slots.reshape(g, kh, kw, bp // TAP, TAP, co).transpose(0, 1, 2, 3, 5, 4).astype(np.int8))
-    nib = (slots & 0xF).reshape(g, kh, kw, bp // (2 * TAP), 2, TAP, co)      # k, h, t
+    nib = (slots + 8).reshape(g, kh, kw, bp // (2 * TAP), 2, TAP, co)        # k, h, t; w + 8 in [0, 15]
     byte = nib[:, :, :, :, 0] | (nib[:, :, :, :, 1] << 4)                     # G, KH, KW, k, t, CO
     return np.ascontiguousarray(byte.transpose(0, 1, 2, 3, 5, 4).astype(np.uint8))
 
@@ -129,8 +130,8 @@ def unpack_weights(wp: np.ndarray, bits: int, block: int, in_channels: int) -> n
     g, kh, kw, _, co, _ = wp.shape
     if bits <= 4:
         b = wp.astype(np.int64)
-        lo = ((b & 0xF) ^ 8) - 8
-        hi = ((b >> 4) ^ 8) - 8
+        lo = (b & 0xF) - 8
+        hi = (b >> 4) - 8
         groups = np.stack([lo, hi], axis=4)                     # G, KH, KW, k, h, CO, t
         slots = groups.transpose(0, 1, 2, 3, 4, 6, 5).reshape(g, kh, kw, -1, co)
     else:
@@ -248,16 +249,21 @@ def dsconv_te(layer: DSConvLayer):
     bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
 
     if layer.packed:
-        def _unpack(gg, i, j, k4, o, t):
+        def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
             byte = wq[gg, i, j, k4 // 2, o, t]
-            nib = tirx.if_then_else(k4 % 2 == 0, byte & tirx.const(15, "uint8"),
-                                    byte >> tirx.const(4, "uint8"))
-            # 4-bit two's complement -> int8: (v ^ 8) - 8
-            return (nib ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
+            return tirx.if_then_else(k4 % 2 == 0, byte & tirx.const(15, "uint8"),
+                                     byte >> tirx.const(4, "uint8")).astype("int8")
 
         wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
+        rs = te.reduce_axis((0, bp), name="rs")
+        # sum of the stored mantissas of a block at a pixel: the dot product with w + 8 has
+        # 8 x this sum too much (subtracted with the constant correction below)
+        bfp_sum = te.compute((n, g, hp, wpd),
+                             lambda nn, gg, yy, xx: te.sum(bfp_m[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
+                             name="bfp_sum", attrs=_OTHER)
     else:
         wu = wq
+        bfp_sum = None
 
     rk = te.reduce_axis((0, bp), name="rk")
     acc = te.compute(
@@ -269,6 +275,8 @@ def dsconv_te(layer: DSConvLayer):
 
     def _block_sum(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
+        if bfp_sum is not None:
+            v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * 8
         return (v - corr[gg, i, j, o] if corr is not None else v).astype("float32")
 
     rg = te.reduce_axis((0, g), name="rg")

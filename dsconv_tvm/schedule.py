@@ -22,7 +22,7 @@ from tvm.target import Target
 
 from .kernels import TAP
 
-DSCONV_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
+DSCONV_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m", "dsconv_acc", "dsconv_out", "dsconv_epilogue")  # + w_unpack, bfp_sum (b <= 4)
 
 
 def _largest_divisor(n: int, candidates) -> int:
@@ -178,6 +178,11 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
         loops = sch.get_loops(sch.get_sblock(name))
         sch.parallel(sch.fuse(*loops[:3]))
         sch.vectorize(loops[-1])
+    msum = _get_block(sch, "bfp_sum")
+    if msum is not None:                 # per pixel: the sum over the block's mantissas
+        loops = sch.get_loops(msum)
+        sch.parallel(sch.fuse(*loops[:3]))
+        sch.decompose_reduction(msum, loops[-1])
     return sch
 
 
