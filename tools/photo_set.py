@@ -6,13 +6,15 @@
   none carries an ImageNet label (agreement fp32 vs DSConv only).
 * ``imagenet20``: the 20 ImageNet validation images of foolbox 3.3.4 (``imagenet_<i>_<label>.jpg``,
   torchvision class index): a sanity check of the fp32 model, never a statistic.
+* ``agreement``: both of the above (30 photos), the set the ImageNet agreement is measured on
+  (with seeded random crops: ``eval --images DIR --crops 4``); labels are not used there.
 
 scikit-image and foolbox are installed with ``pip install --no-deps`` when missing and never
 imported (only their data files are read).  Default folder: ``~/.cache/dsconv-tvm/photos/<set>``.
 
 Usage::
 
-    python tools/photo_set.py [photos|imagenet20] [--out DIR]     # prints the folder
+    python tools/photo_set.py [photos|imagenet20|agreement] [--out DIR]     # prints the folder
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def _sources(name: str) -> list[Path]:
         return [sk / f for f in SKIMAGE_PHOTOS] + [mpl]
     if name == "imagenet20":
         return sorted((_package_dir("foolbox") / "data").glob("imagenet_*.jpg"))
+    if name == "agreement":
+        return _sources("photos") + _sources("imagenet20")
     raise SystemExit(f"unknown set {name!r}: photos or imagenet20")
 
 
@@ -73,7 +77,7 @@ def ensure_photo_set(name: str = "photos", out: str | None = None) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("set", nargs="?", default="photos", choices=["photos", "imagenet20"])
+    ap.add_argument("set", nargs="?", default="photos", choices=["photos", "imagenet20", "agreement"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     print(ensure_photo_set(args.set, args.out))
