@@ -35,7 +35,6 @@ import numpy as np
 from .bfp import bfp_quantize, block_scales
 from .config import DSConvConfig
 from .errors import ConfigError, ModelError
-from .reference import dsconv2d
 from .weights import quantize_weight
 
 RIDGE = 1e-4          # ridge weight, relative to the mean diagonal of the normal matrix, towards the l2 fit
@@ -82,9 +81,11 @@ def _tap_terms(xq_m, scales, q, geom, oh, ow, block):
 
 
 def fit_layer(x: np.ndarray, y: np.ndarray, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None,
-              block: int, mantissa: int, geom, unsigned: bool, ridge: float = RIDGE):
+              block: int, mantissa: int, geom, unsigned: bool, ridge: float = RIDGE, want_output: bool = False):
     """Least-squares KDS scales and bias of one layer: (xi' float32, b' float32, err_before, err_after,
-    channels changed).  ``x`` is the student's float input, ``y`` the teacher's conv output."""
+    channels changed[, output]).  ``x`` is the student's float input, ``y`` the teacher's conv output.
+    With ``want_output`` the layer's output with the new parameters (float32, summed in another order
+    than :func:`dsconv_tvm.reference.dsconv2d`) is returned too."""
     n, _, h, w = x.shape
     co, _, kh, kw = q.shape
     g = xi.shape[1]
@@ -97,18 +98,22 @@ def fit_layer(x: np.ndarray, y: np.ndarray, q: np.ndarray, xi: np.ndarray, bias:
     pt, pl, pb, pr = geom.padding
     m = np.pad(m.astype(np.float32), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     s = np.pad(s, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    step = max(1, _CHUNK_FLOATS // max(1, co * k * oh * ow))
+
+    def chunks():
+        for a in range(0, n, step):
+            t = _tap_terms(m[a:a + step], s[a:a + step], q, geom, oh, ow, block)       # (nc, co, K-1, P)
+            nc = t.shape[0]
+            t = np.concatenate([t, np.ones((nc, co, 1, oh * ow), np.float32)], axis=2)  # bias column
+            yield a, nc, t.transpose(1, 2, 0, 3).reshape(co, k, nc * oh * ow)
+
     gram = np.zeros((co, k, k), np.float64)
     rhs = np.zeros((co, k), np.float64)
     yy = np.zeros(co, np.float64)
-    step = max(1, _CHUNK_FLOATS // max(1, co * k * oh * ow))
-    for a in range(0, n, step):
-        t = _tap_terms(m[a:a + step], s[a:a + step], q, geom, oh, ow, block)       # (nc, co, K-1, P)
-        nc = t.shape[0]
-        t = np.concatenate([t, np.ones((nc, co, 1, oh * ow), np.float32)], axis=2)  # bias column
-        tt = t.transpose(1, 2, 0, 3).reshape(co, k, nc * oh * ow)
-        yc = y[a:a + step].reshape(nc, co, oh * ow).transpose(1, 0, 2).reshape(co, nc * oh * ow)
+    for a, nc, tt in chunks():
+        yc = y[a:a + nc].reshape(nc, co, oh * ow).transpose(1, 0, 2).reshape(co, nc * oh * ow)
         gram += np.matmul(tt, tt.transpose(0, 2, 1)).astype(np.float64)
-        rhs += np.einsum("ckp,cp->ck", tt.astype(np.float64), yc.astype(np.float64))
+        rhs += np.matmul(tt, yc[..., None])[..., 0].astype(np.float64)
         yy += np.einsum("cp,cp->c", yc.astype(np.float64), yc.astype(np.float64))
     theta0 = np.concatenate([xi.reshape(co, -1).astype(np.float64),
                              (np.zeros((co, 1)) if bias is None else bias.reshape(co, 1).astype(np.float64))], axis=1)
@@ -128,7 +133,15 @@ def fit_layer(x: np.ndarray, y: np.ndarray, q: np.ndarray, xi: np.ndarray, bias:
     ysum = max(float(yy.sum()), 1e-30)
     xi_new = theta_new[:, :-1].reshape(xi.shape).astype(np.float32)
     b_new = theta_new[:, -1].astype(np.float32)
-    return xi_new, b_new, float(e0.sum() / ysum), float(e_new.sum() / ysum), int(better.sum())
+    out = (xi_new, b_new, float(e0.sum() / ysum), float(e_new.sum() / ysum), int(better.sum()))
+    if not want_output:
+        return out
+    y_new = np.empty((n, co, oh, ow), np.float32)
+    th32 = theta_new.astype(np.float32)
+    for a, nc, tt in chunks():
+        yc = np.matmul(th32[:, None, :], tt)[:, 0]                                 # (co, nc*P)
+        y_new[a:a + nc] = yc.reshape(co, nc, oh, ow).transpose(1, 0, 2, 3)
+    return out + (y_new,)
 
 
 def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: str, log=None,
@@ -180,13 +193,14 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
             qw = layer.quantized
             X = X.astype(np.float32)
             bias = None if B is None else np.asarray(B, np.float32)
-            xi, b, e0, e1, changed = fit_layer(X, teacher.pop(name), qw.q, qw.xi, bias, config.block,
-                                               config.mantissa, layer.geom, layer.unsigned, ridge)
+            xi, b, e0, e1, changed, y = fit_layer(X, teacher.pop(name), qw.q, qw.xi, bias, config.block,
+                                                  config.mantissa, layer.geom, layer.unsigned, ridge,
+                                                  want_output=True)
             new_params[name] = (xi, b)
             fit = LayerFit(name, qw.xi[0].size + 1, e0, e1, changed, qw.q.shape[0])
             result.layers.append(fit)
             log(f"  {name}: rel. error {e0:.5f} -> {e1:.5f} ({changed}/{fit.channels} channels changed)")
-            return (dsconv2d(X, qw.q, xi, config.block, config.mantissa, layer.geom, b, layer.unsigned),)
+            return (y,)
 
     log("student: numpy DSConv forward, fitting each layer in graph order")
     ReferenceEvaluator(model, new_ops=[Conv]).run(None, {in_name: x})

@@ -58,6 +58,10 @@ def test_fit_layer_lowers_the_error_it_reports(bits, block, unsigned):
     assert rel_err(qw.xi, bias) == pytest.approx(e0, rel=1e-3)
     assert rel_err(xi, b) == pytest.approx(e1, rel=1e-3)
     assert rel_err(xi, b) < rel_err(qw.xi, bias)
+    # the output adapt propagates to the next layer is the numpy DSConv's (to float32 summation order)
+    *_, y_new = fit_layer(x, y, qw.q, qw.xi, bias, block, 8, geom, unsigned, want_output=True)
+    ref = dsconv2d(x, qw.q, xi, block, 8, geom, b, unsigned)
+    np.testing.assert_allclose(y_new, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
