@@ -5,8 +5,14 @@
 the first-layer policies keep / dsconv; plus the 20 labelled ImageNet images (centre crop) as a
 sanity check only.
 
+With ``--adapt``: instead, `dsconv-tvm adapt` on the 10 non-ImageNet photos (tools/photo_set.py photos,
+centre + 6 crops with seed 1 = 70 unlabelled inputs), then agreement of the plain and the adapted
+model on the agreement set (its 10 photos were seen in calibration, with other crops) and on the 20
+ImageNet photos alone (never seen: centre + 4 crops, seed 0 = 100 inputs).  Writes
+results/imagenet_adapted.json.
+
 Writes results/imagenet_agreement.json and prints a markdown table.
-Usage: python tools/imagenet_agreement.py [--models mobilenet_v2 efficientnet_lite0] [--bits 4] [--crops 4]
+Usage: python tools/imagenet_agreement.py [--models mobilenet_v2 efficientnet_lite0] [--bits 4] [--crops 4] [--adapt]
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--first-layer", nargs="+", default=["keep", "dsconv"])
     ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(REPO, "results", "imagenet_agreement.json"))
+    ap.add_argument("--adapt", action="store_true")
     args = ap.parse_args(argv)
+    if args.adapt:
+        return adapted(args)
     photos = ensure_photo_set("agreement")
     labelled = ensure_photo_set("imagenet20")
     rows = []
@@ -79,6 +88,46 @@ def main(argv=None) -> int:
               f"{r['fp32_in_top5']:.4f} | {r['confident_agreement']:.4f} ({r['confident_n']}) | "
               f"{r['weight_bytes_fp32']} -> {r['weight_bytes_deployed']} | "
               f"{20 * r['imagenet20_fp32_top1']:.0f}/20 / {20 * r['imagenet20_dsconv_top1']:.0f}/20 |")
+    return 0
+
+
+def adapted(args) -> int:
+    photos = ensure_photo_set("agreement")
+    calib = ensure_photo_set("photos")
+    held_out = ensure_photo_set("imagenet20")
+    out = args.out.replace("imagenet_agreement", "imagenet_adapted")
+    rows = []
+    for name in args.models:
+        model = str(ensure_model(name))
+        for bits in args.bits:
+            scheme = ["--bits", bits, "--block", 32, "--mantissa", 8]
+            with tempfile.TemporaryDirectory() as tmp:
+                ad = os.path.join(tmp, "adapted.onnx")
+                import time
+                t0 = time.time()
+                with contextlib.redirect_stdout(sys.stderr):
+                    rc = cli.main(["adapt", model, "--images", str(calib), "--crops", "6", "--seed", "1",
+                                   "-o", ad, *map(str, scheme)])
+                if rc:
+                    raise SystemExit(f"adapt failed ({rc})")
+                secs = time.time() - t0
+                row = {"model": name, "bits": bits, "block": 32, "mantissa": 8, "calib_inputs": 70,
+                       "adapt_seconds": round(secs, 1)}
+                for tag, folder, crops in (("agreement_set", photos, args.crops), ("imagenet20_held_out", held_out, 4)):
+                    base = _eval(model, "--images", folder, "--crops", crops, "--seed", 0, "--batch", 10,
+                                 "--sqnr-images", 0, *scheme)
+                    new = _eval(ad, "--reference", model, "--images", folder, "--crops", crops, "--seed", 0,
+                                "--batch", 10, "--sqnr-images", 0, *scheme)
+                    row[tag] = {"samples": base["n"], "agreement": base["agreement"],
+                                "adapted_agreement": new["agreement"], "fp32_in_top5": base["fp32_in_top5"],
+                                "adapted_fp32_in_top5": new["fp32_in_top5"]}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    os.replace(out + ".tmp", out)
+    for r in rows:
+        print(json.dumps(r))
     return 0
 
 
