@@ -49,6 +49,7 @@ class LayerFit:
     err_after: float     # the same with the adapted scales and bias
     channels_changed: int
     channels: int
+    rounding: str = "nearest"   # the integers: the l2 fit's (nearest) or re-rounded (gptq)
 
 
 @dataclass
@@ -144,8 +145,82 @@ def fit_layer(x: np.ndarray, y: np.ndarray, q: np.ndarray, xi: np.ndarray, bias:
     return out + (y_new,)
 
 
+def _anchors(w: np.ndarray, xi: np.ndarray, block: int) -> np.ndarray:
+    """bool (CO, CI, KH, KW): the largest-magnitude element of every nonzero slice (where the l2 fit
+    puts q = -2^(b-1); keeping it there is what lets ``compile`` re-derive the integers)."""
+    co, ci, kh, kw = w.shape
+    g = xi.shape[1]
+    a = np.zeros((co, g * block, kh, kw), np.float64)
+    a[:, :ci] = np.abs(w)
+    idx = np.argmax(a.reshape(co, g, block, kh, kw), axis=2)                       # (co, g, kh, kw)
+    mask = np.zeros((co, g * block, kh, kw), bool)
+    o, gg, i, j = np.indices(idx.shape)
+    mask[o, gg * block + idx, i, j] = xi != 0
+    return mask[:, :ci]
+
+
+def input_hessian(x: np.ndarray, kh: int, kw: int, geom, max_rows: int = 200_000, seed: int = 0) -> np.ndarray:
+    """H = A^T A / rows over the im2col rows A (one per output pixel, columns (ci, i, j)) of ``x``;
+    at most ``max_rows`` pixels, drawn with a fixed seed."""
+    from .reference import _windows
+
+    n, ci, h, w = x.shape
+    oh, ow = geom.out_size(h, w, kh, kw)
+    pt, pl, pb, pr = geom.padding
+    xp = np.pad(x.astype(np.float32), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    rng = np.random.default_rng(seed)
+    per_image = max(1, min(oh * ow, max_rows // max(1, n)))
+    d = ci * kh * kw
+    hess = np.zeros((d, d), np.float64)
+    rows = 0
+    step = max(1, (1 << 22) // max(1, d * per_image))
+    for a in range(0, n, step):
+        cols = np.stack([_windows(xp[a:a + step], geom, oh, ow, i, j) for i in range(kh) for j in range(kw)],
+                        axis=2)                                        # (nc, ci, taps, oh, ow)
+        nc = cols.shape[0]
+        cols = cols.reshape(nc, d, oh * ow)
+        if per_image < oh * ow:
+            pick = rng.choice(oh * ow, per_image, replace=False)
+            cols = cols[:, :, pick]
+        m = cols.transpose(0, 2, 1).reshape(-1, d)
+        hess += (m.T @ m).astype(np.float64)
+        rows += m.shape[0]
+    return hess / max(rows, 1)
+
+
+def gptq_round(w: np.ndarray, xi: np.ndarray, bits: int, block: int, hess: np.ndarray,
+               damp: float = 0.01) -> np.ndarray:
+    """Integers for fixed scales ``xi`` that minimise the output error ||(W - xi Q) X|| (X's second
+    moment ``hess``) rather than the weight error: columns are rounded one at a time and the rounding
+    error is pushed onto the columns not yet rounded through the inverse Hessian (OBQ/GPTQ,
+    Frantar et al. 2022).  The anchor of every slice keeps q = -2^(b-1)."""
+    co, ci, kh, kw = w.shape
+    d = ci * kh * kw
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    h = hess.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * float(np.mean(np.diag(h))) * np.eye(d)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T                          # upper: H^-1 = U^T U
+    wr = w.astype(np.float64).reshape(co, d).copy()
+    scale = np.repeat(xi.astype(np.float64), block, axis=1)[:, :ci].reshape(co, d)
+    anchor = _anchors(w, xi, block).reshape(co, d)
+    q = np.zeros((co, d), np.float64)
+    inv_s = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+    for j in range(d):
+        col = np.clip(np.rint(wr[:, j] * inv_s[:, j]), lo, hi)
+        col = np.where(anchor[:, j], lo, col)
+        q[:, j] = col
+        err = (wr[:, j] - scale[:, j] * col) / u[j, j]
+        wr[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    return q.reshape(w.shape).astype(np.int8)
+
+
+ROUNDINGS = ("gptq", "nearest")
+
+
 def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: str, log=None,
-                ridge: float = RIDGE) -> AdaptResult:
+                ridge: float = RIDGE, rounding: str = "gptq") -> AdaptResult:
     """Adapt ``model_path`` on the unlabelled images ``x`` and write the adapted ONNX to ``output``."""
     import onnx
     from onnx import numpy_helper
@@ -158,6 +233,8 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     from .outputs import atomic_write
 
     log = log or (lambda m: None)
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"--rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     if config.fit != "l2":
         raise ConfigError("adapt starts from the l2 fit (its integers are re-derived exactly by "
                           "`compile --fit l2`); use --fit l2")
@@ -193,23 +270,41 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
             qw = layer.quantized
             X = X.astype(np.float32)
             bias = None if B is None else np.asarray(B, np.float32)
-            xi, b, e0, e1, changed, y = fit_layer(X, teacher.pop(name), qw.q, qw.xi, bias, config.block,
-                                                  config.mantissa, layer.geom, layer.unsigned, ridge,
-                                                  want_output=True)
-            new_params[name] = (xi, b)
-            fit = LayerFit(name, qw.xi[0].size + 1, e0, e1, changed, qw.q.shape[0])
-            result.layers.append(fit)
-            log(f"  {name}: rel. error {e0:.5f} -> {e1:.5f} ({changed}/{fit.channels} channels changed)")
+            target = teacher.pop(name)
+            args = (config.block, config.mantissa, layer.geom, layer.unsigned, ridge)
+            fit = fit_layer(X, target, qw.q, qw.xi, bias, *args, want_output=rounding == "nearest")
+            q, how = qw.q, "nearest"
+            if rounding == "gptq":
+                from .bfp import bfp_dequantize
+
+                m_, e_ = bfp_quantize(X, config.block, config.mantissa, layer.unsigned)
+                xd = bfp_dequantize(m_, e_, config.block, config.mantissa, layer.unsigned, X.shape[1])
+                w = np.asarray(W, np.float32)
+                q_g = gptq_round(w, qw.xi, config.bits, config.block,
+                                 input_hessian(xd, w.shape[2], w.shape[3], layer.geom))
+                fit_g = fit_layer(X, target, q_g, qw.xi, bias, *args, want_output=True)
+                if fit_g[3] < fit[3]:
+                    fit, q, how = fit_g[:1] + fit_g[1:2] + (fit[2],) + fit_g[3:], q_g, "gptq"
+                else:
+                    fit = fit_layer(X, target, qw.q, qw.xi, bias, *args, want_output=True)
+            xi, b, e0, e1, changed, y = fit
+            new_params[name] = (q, xi, b)
+            rec = LayerFit(name, qw.xi[0].size + 1, e0, e1, changed, qw.q.shape[0], how)
+            result.layers.append(rec)
+            log(f"  {name}: rel. error {e0:.5f} -> {e1:.5f} (rounding {how}, {changed}/{rec.channels} "
+                f"channels' scales changed)")
             return (y,)
 
     log("student: numpy DSConv forward, fitting each layer in graph order")
     ReferenceEvaluator(model, new_ops=[Conv]).run(None, {in_name: x})
 
-    for name, (xi, b) in new_params.items():
-        node, qw = nodes[name], layers[name].quantized
-        w_new = (qw.q.astype(np.float32) * np.repeat(xi, config.block, axis=1)[:, :qw.q.shape[1]]).astype(np.float32)
+    for name, (q, xi, b) in new_params.items():
+        node = nodes[name]
+        w_new = (q.astype(np.float32) * np.repeat(xi, config.block, axis=1)[:, :q.shape[1]]).astype(np.float32)
         again = quantize_weight(w_new, config.bits, config.block, "l2", config.scale_dtype)
-        if not np.array_equal(again.q, qw.q) or not np.allclose(again.xi, xi, rtol=1e-5, atol=0):
+        if not np.array_equal(again.q[xi_nonzero(xi, config.block, q.shape[1])],
+                              q[xi_nonzero(xi, config.block, q.shape[1])]) \
+                or not np.allclose(again.xi, xi, rtol=1e-5, atol=0):
             raise ModelError(f"{name}: the adapted weight does not re-quantize to the same integers "
                              f"(internal error)")
         wname, bname = f"{name}_W_adapted", f"{name}_B_adapted"
@@ -232,14 +327,20 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     return result
 
 
+def xi_nonzero(xi: np.ndarray, block: int, ci: int) -> np.ndarray:
+    """bool (CO, CI, KH, KW): weights whose slice has a nonzero scale (elsewhere q does not matter)."""
+    return (np.repeat(xi, block, axis=1)[:, :ci] != 0)
+
+
 def format_adapt(res: AdaptResult) -> str:
     c = res.config
     lines = [f"scheme    W{c.bits} B={c.block} m={c.mantissa} (fit l2, first layer {c.first_layer}, "
              f"depthwise {c.depthwise}); {res.images} unlabelled images",
-             f"  {'layer':<32} {'unknowns/ch':>11} {'rel. err l2 fit':>16} {'adapted':>10} {'channels':>10}"]
+             f"  {'layer':<32} {'unknowns/ch':>11} {'rel. err l2 fit':>16} {'adapted':>10} {'rounding':>9} "
+             f"{'channels':>10}"]
     for f in res.layers:
         lines.append(f"  {f.name[:32]:<32} {f.unknowns:>11} {f.err_before:>16.5f} {f.err_after:>10.5f} "
-                     f"{f.channels_changed:>4}/{f.channels:<5}")
+                     f"{f.rounding:>9} {f.channels_changed:>4}/{f.channels:<5}")
     tot0 = sum(f.err_before for f in res.layers)
     tot1 = sum(f.err_after for f in res.layers)
     lines.append(f"objective sum of per-layer relative errors {tot0:.5f} -> {tot1:.5f}")

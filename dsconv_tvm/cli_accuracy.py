@@ -78,6 +78,10 @@ def add_parsers(sub, add_scheme_options) -> None:
     a.add_argument("-o", "--output", required=True, help="the adapted ONNX model to write")
     a.add_argument("--images-count", dest="count", type=int, default=None,
                    help="alias of --limit")
+    a.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"],
+                   help="the integer weights: gptq = re-round each layer's weights against its input's "
+                        "second moment (kept per layer only where the fitted error is lower; default), "
+                        "nearest = keep the l2 fit's integers and fit the scales only")
     add_scheme_options(a)
     a.set_defaults(func=cmd_adapt, limit_default=1024)
 
@@ -142,6 +146,6 @@ def cmd_adapt(args) -> int:
     else:
         x, _, _, _ = _images(args, args.model)
         x = _limit(x, limit, "images")
-    res = adapt_model(args.model, x, config, args.output, log=_log)
+    res = adapt_model(args.model, x, config, args.output, log=_log, rounding=args.rounding)
     print(format_adapt(res))
     return 0

@@ -123,3 +123,28 @@ def test_adapt_bad_options(tmp_path, capsys):
     assert cli.main(["adapt", model, "--images", str(tmp_path / "nope"), "-o", str(tmp_path / "a.onnx")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "a.onnx")
+
+
+def test_gptq_rounding_lowers_the_output_error_and_keeps_anchors():
+    from dsconv_tvm.adapt import gptq_round, input_hessian
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((10, 24, 3, 3)) * 0.1).astype(np.float32)
+    # correlated inputs (as real activations are): mixing of a few latent channels
+    x = np.einsum("nlhw,lc->nchw", rng.standard_normal((8, 6, 10, 10)), rng.standard_normal((6, 24)))
+    x = x.astype(np.float32)
+    geom = ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1))
+    qw = quantize_weight(w, 3, 8, "l2")
+    q = gptq_round(w, qw.xi, 3, 8, input_hessian(x, 3, 3, geom))
+    assert q.dtype == np.int8 and q.min() >= -4 and q.max() <= 3
+    # compile's l2 fit re-derives exactly these integers from xi * q
+    w_new = q.astype(np.float32) * np.repeat(qw.xi, 8, axis=1)[:, :24]
+    assert np.array_equal(quantize_weight(w_new, 3, 8, "l2").q, q)
+
+    def out_err(qq):
+        wd = qq.astype(np.float64) * np.repeat(qw.xi, 8, axis=1)[:, :24]
+        zero = np.zeros(10, np.float32)
+        return float(np.sum((_float_conv(x, w, zero, geom).astype(np.float64)
+                             - _float_conv(x, wd, zero, geom)) ** 2))
+
+    assert out_err(q) < 0.8 * out_err(qw.q)

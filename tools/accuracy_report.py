@@ -6,7 +6,8 @@ of fp32 (ONNX Runtime) and of the compiled DSConv model (`dsconv-tvm eval`), the
 on the first N *unlabelled* training images and `eval` of the adapted model (against the original fp32).
 
 Writes results/accuracy_fashion.json and prints a markdown table.
-Usage: python tools/accuracy_report.py [--models ...] [--bits 4 3] [--calib 1024] [--out results/accuracy_fashion.json]
+Usage: python tools/accuracy_report.py [--models ...] [--bits 4 3] [--calib 1024] [--rounding gptq|nearest]
+                                      [--out results/accuracy_fashion.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     ap.add_argument("--calib", type=int, default=1024, help="unlabelled training images for adapt")
     ap.add_argument("--limit", type=int, default=None, help="test images (default all 10 000)")
+    ap.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"])
     ap.add_argument("--out", default=os.path.join(REPO, "results", "accuracy_fashion.json"))
     args = ap.parse_args(argv)
     rows = []
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                 adapted = os.path.join(work, f"{name}_w{bits}_adapted.onnx")
                 t0 = time.time()
                 _cli("adapt", model, "--data", "fashion-mnist-unlabelled", "--limit", args.calib,
-                     "-o", adapted, *scheme)
+                     "--rounding", args.rounding, "-o", adapted, *scheme)
                 adapt_s = time.time() - t0
                 after = os.path.join(work, f"{name}_w{bits}_adapted.json")
                 _cli("eval", adapted, "--reference", model, "--data", "fashion-mnist", "--batch", 200,
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
                              "adapted_min_layer_sqnr_db": min(l["sqnr_db"] for l in a["layers"] if l["converted"]),
                              "last_layer_sqnr_db": [l["sqnr_db"] for l in b["layers"]][-1],
                              "adapted_last_layer_sqnr_db": [l["sqnr_db"] for l in a["layers"]][-1],
-                             "calib_images": args.calib, "adapt_seconds": round(adapt_s, 1),
+                             "calib_images": args.calib, "rounding": args.rounding, "adapt_seconds": round(adapt_s, 1),
                              "test_images": b["n"]})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
