@@ -42,7 +42,16 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="test images (default all 10 000)")
     ap.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"])
     ap.add_argument("--out", default=os.path.join(REPO, "results", "accuracy_fashion.json"))
+    ap.add_argument("--reuse-base", default=None, metavar="JSONL",
+                    help="rows (one JSON object a line) of an earlier run: their un-adapted numbers are "
+                         "reused for the same model and bits instead of evaluating again")
     args = ap.parse_args(argv)
+    reuse = {}
+    if args.reuse_base:
+        for line in open(args.reuse_base):
+            if line.strip():
+                r = json.loads(line)
+                reuse[(r["model"], r["bits"])] = r
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for model in args.models:
@@ -51,8 +60,10 @@ def main(argv=None) -> int:
                 scheme = ["--bits", bits, "--block", 32, "--mantissa", 8, "--fit", "l2"]
                 lim = ["--limit", args.limit] if args.limit else []
                 base = os.path.join(work, f"{name}_w{bits}.json")
-                _cli("eval", model, "--data", "fashion-mnist", "--batch", 200, "--sqnr-images", 32,
-                     "--json", base, *lim, *scheme)
+                old = reuse.get((name, bits))
+                if old is None:
+                    _cli("eval", model, "--data", "fashion-mnist", "--batch", 200, "--sqnr-images", 32,
+                         "--json", base, *lim, *scheme)
                 adapted = os.path.join(work, f"{name}_w{bits}_adapted.onnx")
                 t0 = time.time()
                 _cli("adapt", model, "--data", "fashion-mnist-unlabelled", "--limit", args.calib,
@@ -61,7 +72,13 @@ def main(argv=None) -> int:
                 after = os.path.join(work, f"{name}_w{bits}_adapted.json")
                 _cli("eval", adapted, "--reference", model, "--data", "fashion-mnist", "--batch", 200,
                      "--sqnr-images", 32, "--json", after, *lim, *scheme)
-                b, a = json.load(open(base)), json.load(open(after))
+                a = json.load(open(after))
+                b = json.load(open(base)) if old is None else {
+                    "fp32_top1": old["fp32_top1"], "dsconv_top1": old["dsconv_top1"], "fp32_top5": old["fp32_top5"],
+                    "dsconv_top5": old["dsconv_top5"], "agreement": old["agreement"], "n": old["test_images"],
+                    "weight_bytes_fp32": old["weight_bytes_fp32"], "weight_bytes_deployed": old["weight_bytes_deployed"],
+                    "layers": [{"sqnr_db": old["min_layer_sqnr_db"], "converted": True},
+                               {"sqnr_db": old["last_layer_sqnr_db"], "converted": True}]}
                 rows.append({"model": name, "bits": bits, "block": 32, "mantissa": 8,
                              "fp32_top1": b["fp32_top1"], "dsconv_top1": b["dsconv_top1"],
                              "adapted_top1": a["dsconv_top1"], "fp32_top5": b["fp32_top5"],
