@@ -137,12 +137,13 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(FASHION) + ["mobilenet_v2", "efficientnet_lite0"])
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="fewer points per line")
+    ap.add_argument("--plot-only", action="store_true", help="redraw table and plot from the JSON")
     ap.add_argument("--out", default=os.path.join(REPO, "results", "sweep"))
     args = ap.parse_args(argv)
     results = {}
     if os.path.exists(args.out + ".json"):          # resume: keep what was measured
         results = json.load(open(args.out + ".json"))
-    for name in args.models:
+    for name in ([] if args.plot_only else args.models):
         model, data, calib, x, labels = model_and_data(name, args.limit)
         rows = results.get(name, [])
         done = {json.dumps(r["config"], sort_keys=True) for r in rows if "config" in r}
@@ -251,9 +252,13 @@ def plot(out: str, results: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("deployed conv weight KiB (log)")
         ax.set_ylabel(_metric(rows[0])[1] if rows else "")
-        ax.set_title(name)
-        lo = min(_metric(r)[0] for r in rows) if rows else 0
-        ax.set_ylim(max(lo - 2, 0), 100.5 if fp32 is None else 100 * fp32 + 1)
+        ax.set_title(name, fontsize=9)
+        top = 100.5 if fp32 is None else 100 * fp32 + 1
+        floor = top - (40 if fp32 is None else 7)
+        off = [_label(r) for r in rows if _metric(r)[0] < floor]
+        ax.set_ylim(floor, top)
+        if off:
+            ax.set_title(f"{name} (off scale: {', '.join(off)})", fontsize=9)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
