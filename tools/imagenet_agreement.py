@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(REPO, "results", "imagenet_agreement.json"))
     ap.add_argument("--adapt", action="store_true")
+    ap.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"], help="with --adapt")
     args = ap.parse_args(argv)
     if args.adapt:
         return adapted(args)
@@ -95,7 +96,7 @@ def adapted(args) -> int:
     photos = ensure_photo_set("agreement")
     calib = ensure_photo_set("photos")
     held_out = ensure_photo_set("imagenet20")
-    out = args.out.replace("imagenet_agreement", "imagenet_adapted")
+    out = args.out.replace("imagenet_agreement", "imagenet_adapted" + ("" if args.rounding == "gptq" else "_nearest"))
     rows = []
     for name in args.models:
         model = str(ensure_model(name))
@@ -107,11 +108,11 @@ def adapted(args) -> int:
                 t0 = time.time()
                 with contextlib.redirect_stdout(sys.stderr):
                     rc = cli.main(["adapt", model, "--images", str(calib), "--crops", "6", "--seed", "1",
-                                   "-o", ad, *map(str, scheme)])
+                                   "--rounding", args.rounding, "-o", ad, *map(str, scheme)])
                 if rc:
                     raise SystemExit(f"adapt failed ({rc})")
                 secs = time.time() - t0
-                row = {"model": name, "bits": bits, "block": 32, "mantissa": 8, "calib_inputs": 70,
+                row = {"model": name, "bits": bits, "block": 32, "mantissa": 8, "calib_inputs": 70, "rounding": args.rounding,
                        "adapt_seconds": round(secs, 1)}
                 for tag, folder, crops in (("agreement_set", photos, args.crops), ("imagenet20_held_out", held_out, 4)):
                     base = _eval(model, "--images", folder, "--crops", crops, "--seed", 0, "--batch", 10,
