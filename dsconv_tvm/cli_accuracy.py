@@ -68,16 +68,16 @@ def add_parsers(sub, add_scheme_options) -> None:
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("adapt", help="fit the KDS scales to the fp32 model on unlabelled data",
-                       description="Layer-wise least-squares fit of every DSConv layer's KDS scales and "
-                                   "bias so that its output matches the fp32 teacher's on unlabelled "
-                                   "inputs (no label is read). Writes an ONNX model: compile it with the "
+                       description="Layer by layer, re-round the integer weights (GPTQ-style) and fit "
+                                   "the KDS scales and bias by least squares so that each DSConv layer's "
+                                   "output matches the fp32 teacher's on unlabelled inputs (no label is "
+                                   "read; --data fashion-mnist-unlabelled uses the first --limit "
+                                   "(default 1024) training images). Writes an ONNX model: compile it with the "
                                    "same --bits/--block/--mantissa (and --fit l2) to get the adapted "
                                    "DSConv model; the packed integer format is unchanged.")
     a.add_argument("model", help="the ONNX model file")
     _add_data_options(a, [FASHION_UNLABELLED], 4)
     a.add_argument("-o", "--output", required=True, help="the adapted ONNX model to write")
-    a.add_argument("--images-count", dest="count", type=int, default=None,
-                   help="alias of --limit")
     a.add_argument("--rounding", default="gptq", choices=["gptq", "nearest"],
                    help="the integer weights: gptq = re-round each layer's weights against its input's "
                         "second moment (kept per layer only where the fitted error is lower; default), "
@@ -137,7 +137,7 @@ def cmd_adapt(args) -> int:
 
     config = _config_from_args(args)
     check_output_path(args.output)
-    limit = args.count if args.count is not None else args.limit
+    limit = args.limit
     if args.data:
         from .datasets import load_fashion_mnist_images
 
