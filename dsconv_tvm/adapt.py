@@ -59,6 +59,7 @@ class AdaptResult:
     images: int
     layers: list[LayerFit] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0     # CPU time of this process (all threads)
 
 
 def _tap_terms(xq_m, scales, q, geom, oh, ow, block):
@@ -238,7 +239,7 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     if config.fit != "l2":
         raise ConfigError("adapt starts from the l2 fit (its integers are re-derived exactly by "
                           "`compile --fit l2`); use --fit l2")
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     loaded = load_onnx(model_path)
     in_name = next(iter(loaded.input_shapes))
     want = list(loaded.input_shapes[in_name][1:])
@@ -324,6 +325,7 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     atomic_write(output, lambda f: f.write(data))
     _ = inits
     result.seconds = time.time() - t0
+    result.cpu_seconds = time.process_time() - c0
     return result
 
 
@@ -344,5 +346,5 @@ def format_adapt(res: AdaptResult) -> str:
     tot0 = sum(f.err_before for f in res.layers)
     tot1 = sum(f.err_after for f in res.layers)
     lines.append(f"objective sum of per-layer relative errors {tot0:.5f} -> {tot1:.5f}")
-    lines.append(f"wrote     {res.output} in {res.seconds:.1f} s (compile it with the same --bits/--block/--mantissa and --fit l2)")
+    lines.append(f"wrote     {res.output} in {res.seconds:.1f} s ({res.cpu_seconds:.0f} s CPU) (compile it with the same --bits/--block/--mantissa and --fit l2)")
     return "\n".join(lines)
