@@ -169,6 +169,9 @@ def ensure_model(name: str) -> Path:
     from onnxscript import ir
 
     proto = ir.serde.serialize_model(program.model)
+    tools_dir = os.path.dirname(os.path.abspath(__file__))
+    if tools_dir not in sys.path:          # imported from elsewhere (importlib): find the sibling tool
+        sys.path.insert(0, tools_dir)
     from train_fashion_mnist import atomic_write_bytes, strip_export_metadata
 
     strip_export_metadata(proto)
