@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .remote import add_parsers as _add_remote_parsers
     _add_remote_parsers(sub)  # bench, tracker, board-server (dsconv_tvm/remote.py)
+    from .cli_accuracy import add_parsers as _add_accuracy_parsers
+    _add_accuracy_parsers(sub, _add_scheme_options)  # eval, adapt (dsconv_tvm/cli_accuracy.py)
     return parser
 
 

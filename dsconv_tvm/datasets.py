@@ -41,19 +41,31 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
     return body.reshape(shape)
 
 
+def _check_split(split: str) -> None:
+    if split not in _PREFIX:
+        raise DSConvError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+
+
+def _root(root: str | None) -> str:
+    return root or os.environ.get("DSCONV_FASHION_MNIST") or DEFAULT_ROOT
+
+
+def load_fashion_mnist_images(split: str = "train", root: str | None = None) -> np.ndarray:
+    """The images of one split only, float32 (N, 1, 28, 28) in [0, 1]: the label file is never opened
+    (what unlabelled adaptation reads)."""
+    _check_split(split)
+    images = _read_idx(os.path.join(_root(root), f"{_PREFIX[split]}-images-idx3-ubyte.gz"), _IMAGES_MAGIC)
+    return (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+
+
 def load_fashion_mnist(split: str = "test", root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of Fashion-MNIST.
 
     Returns ``(images, labels)``: images float32 of shape (N, 1, 28, 28) scaled to [0, 1], labels int64 (N,).
     ``split`` is ``"train"`` (60 000 images) or ``"test"`` (10 000 images).
     """
-    if split not in _PREFIX:
-        raise DSConvError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
-    root = root or os.environ.get("DSCONV_FASHION_MNIST") or DEFAULT_ROOT
-    prefix = _PREFIX[split]
-    images = _read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), _IMAGES_MAGIC)
-    labels = _read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), _LABELS_MAGIC)
-    if images.shape[0] != labels.shape[0]:
-        raise DSConvError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-    x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+    x = load_fashion_mnist_images(split, root)
+    labels = _read_idx(os.path.join(_root(root), f"{_PREFIX[split]}-labels-idx1-ubyte.gz"), _LABELS_MAGIC)
+    if x.shape[0] != labels.shape[0]:
+        raise DSConvError(f"Fashion-MNIST {split}: {x.shape[0]} images but {labels.shape[0]} labels")
     return x, labels.astype(np.int64)
