@@ -36,6 +36,9 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
                    help="dtype of the KDS scales in the .so (default float32)")
     p.add_argument("--first-layer", default=d.first_layer, choices=["keep", "dsconv"],
                    help="the conv fed by the image: keep fp32 (default) or convert")
+    p.add_argument("--dense", default=d.dense, choices=["keep", "dsconv"],
+                   help="fully connected layers (Gemm/MatMul with constant weights): keep fp32 "
+                        "(default) or run them as 1x1 DSConv layers")
     p.add_argument("--signed-mantissa", action="store_true",
                    help="use signed mantissas even for inputs known to be >= 0 (after ReLU)")
     p.add_argument("--skip", nargs="+", default=[], metavar="NAME",
@@ -47,7 +50,8 @@ def _config_from_args(args):
 
     return DSConvConfig(bits=args.bits, block=args.block, mantissa=args.mantissa, fit=args.fit,
                         scale_dtype=args.scale_dtype, first_layer=args.first_layer,
-                        unsigned_after_relu=not args.signed_mantissa, skip=tuple(args.skip))
+                        unsigned_after_relu=not args.signed_mantissa, skip=tuple(args.skip),
+                        dense=args.dense)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,15 +178,21 @@ class DSConvRewrite:
         dropped = set()       # intermediate vars absorbed into a chain
         conv_index = 0
         claimed = {"vars": set(), "keep": set()}   # vars taken by chains; residual inputs
+        dense_index = 0
         for var in order:
             value = bindings[var]
-            if not _is_call(value, "relax.nn.conv2d"):
+            dense = self.config.dense == "dsconv" and _is_call(value, "relax.matmul")
+            if dense:
+                name, first = f"dense{dense_index}", False
+                dense_index += 1
+            elif _is_call(value, "relax.nn.conv2d"):
+                name = (self.layer_names[conv_index] if self.layer_names and conv_index < len(self.layer_names)
+                        else f"conv{conv_index}")
+                first = conv_index == 0
+                conv_index += 1
+            else:
                 continue
-            name = (self.layer_names[conv_index] if self.layer_names and conv_index < len(self.layer_names)
-                    else f"conv{conv_index}")
-            first = conv_index == 0
-            conv_index += 1
-            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first, claimed)
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first, claimed, dense)
             if plan is None:
                 continue
             end_var, new_expr, absorbed, residual = plan
@@ -201,12 +207,19 @@ class DSConvRewrite:
         mutator = _Replace(plans, dropped)
         return mutator.visit_expr(func)
 
-    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first, claimed):
+    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first, claimed, dense=False):
+        """Plan one conv2d (or, ``dense``, one matmul ``x[N, K] @ W[K, OUT]`` run as a 1x1 conv on
+        ``x`` reshaped to ``[N, K, 1, 1]``) and the ops it absorbs."""
         cfg = self.config
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
         w = _const_value(weight, bindings)
         in_shape = _static_shape(data)
+        if dense:
+            if w is None or w.ndim != 2 or in_shape is None or len(in_shape) != 2 or in_shape[1] != w.shape[0]:
+                return None                 # not a plain fully connected layer: left as it is
+            w = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
+            in_shape = (in_shape[0], in_shape[1], 1, 1)
         wshape = tuple(w.shape) if w is not None else tuple(_static_shape(weight) or ())
 
         def keep(reason):
@@ -215,13 +228,13 @@ class DSConvRewrite:
                                                   deployed_bytes=4 * int(np.prod(wshape or (0,)))))
             return None
 
-        groups = int(attrs.groups)
+        groups = 1 if dense else int(attrs.groups)
         if name in cfg.skip:
             return keep("skipped by --skip")
         if w is None:
             return keep("weight is not a constant")
-        if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or \
-                (attrs.out_layout and attrs.out_layout != "NCHW"):
+        if not dense and (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or \
+                not dense and (attrs.out_layout and attrs.out_layout != "NCHW"):
             return keep(f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)")
         if in_shape is None or len(in_shape) != 4:
             return keep("input shape is not static 4-D")
@@ -252,7 +265,7 @@ class DSConvRewrite:
             bval = _const_value(other, bindings)
             if bval is not None and bval.size == co and bval.ndim >= 1 and \
                     _static_shape(nxt) == _static_shape(end) and \
-                    (bval.ndim == 1 or bval.shape[-2:] == (1, 1)) and bval.ndim <= 4:
+                    (bval.ndim == 1 or bval.shape[-2:] == (1, 1) or dense) and bval.ndim <= 4:
                 bias = bval.reshape(co).astype(np.float32)
                 absorbed.append(end)
                 end = nxt
@@ -260,7 +273,7 @@ class DSConvRewrite:
                 nxt = next_op(end)
         # a residual add (another tensor of the output's shape, computed before this conv's user)
         residual = None
-        if nxt is not None and self.kernels is None and _is_call(bindings[nxt], "relax.add"):
+        if nxt is not None and self.kernels is None and not dense and _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
@@ -279,9 +292,12 @@ class DSConvRewrite:
             activation = "relu"
             fused.append("relu")
 
-        strides = tuple(int(s) for s in attrs.strides)
-        dilation = tuple(int(d) for d in attrs.dilation)
-        geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
+        if dense:
+            geom = ConvGeometry()
+        else:
+            strides = tuple(int(s) for s in attrs.strides)
+            dilation = tuple(int(d) for d in attrs.dilation)
+            geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
         unsigned = cfg.unsigned_after_relu and data in nonneg
         qw = quantize_weight(w, cfg.bits, cfg.block, cfg.fit, cfg.scale_dtype)
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
@@ -295,10 +311,12 @@ class DSConvRewrite:
             params += [bias] if bias is not None else []
         wp, xi = params[:2]
         gv = bb.add_func((k.primfunc if k else dsconv_primfunc)(layer), f"dsconv_{_ident(name)}")
-        args = [data, *[relax.const(a) for a in params]]
-        if residual is not None:
-            args.append(residual)
-        new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
+        consts = [relax.const(a) for a in params]
+        if dense:           # emitted by _Replace: reshape to [N, K, 1, 1], the 1x1 DSConv, reshape back
+            new = _DenseCall(data, tuple(in_shape), gv, consts, layer.out_shape, (in_shape[0], co))
+        else:
+            args = [data, *consts] + ([residual] if residual is not None else [])
+            new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
         self.report.layers.append(LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
             deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=weight_sqnr_db(w, qw.dequantize()), unsigned=unsigned,
@@ -319,6 +337,16 @@ def _ident(name: str) -> str:
     return out or "layer"
 
 
+@dataclass
+class _DenseCall:
+    data: object
+    shape4: tuple
+    gv: object
+    consts: list
+    out4: tuple
+    out2: tuple
+
+
 @relax.expr_functor.mutator
 class _Replace(relax.PyExprMutator):
     def __init__(self, plans, dropped):
@@ -330,7 +358,14 @@ class _Replace(relax.PyExprMutator):
         if binding.var in self.dropped:
             return
         if binding.var in self.plans:
-            new_value = self.visit_expr(self.plans[binding.var])
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, new_value))
+            plan = self.plans[binding.var]
+            if isinstance(plan, _DenseCall):
+                x4 = self.builder_.emit(relax.op.reshape(self.visit_expr(plan.data), plan.shape4))
+                y4 = self.builder_.emit(relax.call_tir(plan.gv, [x4, *plan.consts],
+                                                       relax.TensorType(plan.out4, "float32")))
+                new_value = relax.op.reshape(y4, plan.out2)
+            else:
+                new_value = self.visit_expr(plan)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new_value)))
             return
         super().visit_var_binding_(binding)

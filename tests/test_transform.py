@@ -164,3 +164,43 @@ def test_pass_runs_inside_a_sequential_pipeline():
                                     relax.transform.LegalizeOps()])
     new = seq(build(two_convs))
     assert calls(new, "R.nn.conv2d") == 0
+
+
+def test_residual_add_is_fused_into_the_epilogue():
+    """conv -> +bias -> +residual -> relu becomes one DSConv call; same values as numpy."""
+    from dsconv_tvm.reference import ConvGeometry, dsconv2d
+    w = (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.1).astype(np.float32)
+
+    def body(bb, x):
+        c = bb.emit(relax.op.add(conv(x, relax.const(w), padding=1), relax.const(b.reshape(1, 16, 1, 1))))
+        return relax.op.nn.relu(bb.emit(relax.op.add(c, x)))
+    cfg = DSConvConfig(first_layer="dsconv", block=8)
+    p = DSConvRewrite(cfg)
+    new = p(build(body))
+    assert p.report.layers[0].fused == ("bias", "residual", "relu")
+    assert calls(new, "R.add") == 0 and calls(new, "R.nn.relu") == 0
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    qw = quantize_weight(w, 4, 8, cfg.fit)
+    ref = np.maximum(dsconv2d(x, qw.q, qw.xi, 8, 8, ConvGeometry((1, 1), (1, 1, 1, 1)), b, unsigned=False) + x, 0)
+    np.testing.assert_allclose(run(new, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_dense_layer_as_1x1_dsconv():
+    """--dense dsconv: x[N, K] @ W[K, OUT] + b -> relu runs as a 1x1 DSConv on [N, K, 1, 1]."""
+    from dsconv_tvm.reference import ConvGeometry, dsconv2d
+    wm = (rng.standard_normal((40, 12)) * 0.2).astype(np.float32)
+    b = (rng.standard_normal(12) * 0.1).astype(np.float32)
+
+    def body(bb, x):
+        return relax.op.nn.relu(bb.emit(relax.op.add(relax.op.matmul(x, relax.const(wm)), relax.const(b))))
+    mod = build(body, in_shape=(3, 40))
+    assert DSConvRewrite(DSConvConfig(block=16)).__call__(mod).script().count("call_tir") == 0   # default: kept
+    p = DSConvRewrite(DSConvConfig(block=16, dense="dsconv"))
+    new = p(mod)
+    assert [(l.name, l.converted, l.fused) for l in p.report.layers] == [("dense0", True, ("bias", "relu"))]
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    w4 = wm.T.reshape(12, 40, 1, 1)
+    qw = quantize_weight(w4, 4, 16, "l2")
+    ref = np.maximum(dsconv2d(x.reshape(3, 40, 1, 1), qw.q, qw.xi, 16, 8, ConvGeometry(), b, unsigned=False), 0)
+    np.testing.assert_allclose(run(new, x), ref.reshape(3, 12), rtol=1e-5, atol=1e-5 * np.abs(ref).max())

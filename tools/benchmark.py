@@ -61,9 +61,12 @@ def log(msg: str) -> None:
 
 
 def dsconv_config(variant: str):
+    """W4 m8 with the variant's block; fully connected layers as DSConv too unless --dense keep
+    (the setting travels to the timing children in DSCONV_BENCH_DENSE)."""
     from dsconv_tvm.config import DSConvConfig
 
-    return DSConvConfig(bits=4, block=int(variant.rsplit("_b", 1)[1]), mantissa=8)
+    return DSConvConfig(bits=4, block=int(variant.rsplit("_b", 1)[1]), mantissa=8,
+                        dense=os.environ.get("DSCONV_BENCH_DENSE", "dsconv"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,6 +609,8 @@ def parse_args(argv=None):
                                                            "budget for fp32 and DSConv; default 64)")
     ap.add_argument("--trials-per-iter", type=int, default=16)
     ap.add_argument("--no-tune", action="store_true", help="no tuning: shipped schedules, else defaults")
+    ap.add_argument("--dense", choices=["dsconv", "keep"], default="dsconv",
+                    help="DSConv variants: fully connected layers as 1x1 DSConv (default) or fp32")
     ap.add_argument("--work-dir", default=None, help="tuning databases (default ~/.cache/dsconv-tvm/bench/tune)")
     ap.add_argument("--threads", type=int, default=2, help="threads for ORT and TVM, pinned to the first "
                                                            "THREADS allowed cores (default 2)")
@@ -626,6 +631,8 @@ def parse_args(argv=None):
     ap.add_argument("--ship-fp32", action="store_true", help="with --ship: the fp32 databases too")
     ap.add_argument("--time-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if getattr(args, "dense", None):
+        os.environ["DSCONV_BENCH_DENSE"] = args.dense
     if args.work_dir is None:
         args.work_dir = os.path.join(bench_models.bench_cache(), "tune")
     return args
