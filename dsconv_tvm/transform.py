@@ -299,15 +299,18 @@ class DSConvRewrite:
             dilation = tuple(int(d) for d in attrs.dilation)
             geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
         unsigned = cfg.unsigned_after_relu and data in nonneg
-        qw = quantize_weight(w, cfg.bits, cfg.block, cfg.fit, cfg.scale_dtype)
+        # a block wider than the layer's input is one block of all its channels: the same scales,
+        # mantissas and exponents as block = C, without packing and multiplying empty slots
+        block = min(cfg.block, int(in_shape[1]))
+        qw = quantize_weight(w, cfg.bits, block, cfg.fit, cfg.scale_dtype)
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
-                            cfg.bits, cfg.block, cfg.mantissa, unsigned, cfg.scale_dtype,
+                            cfg.bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation, self.act_dtype, residual is not None)
         k = self.kernels
         if k is None:
             params = layer_params(layer, qw.q, qw.xi, bias)
         else:
-            params = [k.pack_weights(qw.q, cfg.bits, cfg.block), k.pack_scales(qw.xi, cfg.scale_dtype)]
+            params = [k.pack_weights(qw.q, cfg.bits, block), k.pack_scales(qw.xi, cfg.scale_dtype)]
             params += [bias] if bias is not None else []
         wp, xi = params[:2]
         gv = bb.add_func((k.primfunc if k else dsconv_primfunc)(layer), f"dsconv_{_ident(name)}")
