@@ -186,7 +186,7 @@ def test_ratios_and_writers(tmp_path):
     assert "| net | DSConv W4 B=32 m=8 | 4.000 (3.600-4.800) | 0.40 | 0.80 | 0.50 |" in md
     assert "failed: RuntimeError: boom" in md and "Skipped: gone" in md
     assert "| 100.0 | 19.5 | yes |" in md
-    assert "512 GOP/s" in md
+    assert "1024 GOP/s" in md
     assert "(the worst such layer) | 0.195 | NO |" in md and "| - | not measured |" in md
     if "b.png" in {os.path.basename(p) for p in written}:
         assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
