@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bfp import E_MAX, E_MIN, fraction_bits, mantissa_range, num_blocks
+from .bfp import num_blocks
+from .kernels import bfp_stages
 from .errors import TargetError
 
 CUDA_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m4", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
@@ -146,12 +147,6 @@ def pack_scales(xi: np.ndarray, scale_dtype: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # compute
 # --------------------------------------------------------------------------------------------------
-def _pow2(exponent):
-    from tvm import tirx
-
-    return tirx.reinterpret("float32", (exponent + 127) << 23)
-
-
 def _u32(v):
     from tvm import tirx
 
@@ -224,12 +219,10 @@ def dsconv_te(layer, dp4a: bool = True):
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation
     pt, pl, pb, pr = layer.geom.padding
-    bsz, g = layer.block, layer.groups
+    g = layer.groups
     _, _, oh, ow = layer.out_shape
     hp, wpd = h + pt + pb, w + pl + pr
     mwords = _slots(layer) // 4
-    f = fraction_bits(layer.mantissa, layer.unsigned)
-    lo, hi = mantissa_range(layer.mantissa, layer.unsigned)
 
     x = te.placeholder((n, c, h, w), "float32", name="x")
     wq = te.placeholder(weight_shape(layer), "int32", name="w_words")
@@ -240,46 +233,13 @@ def dsconv_te(layer, dp4a: bool = True):
         bias = te.placeholder((co,), "float32", name="bias")
         inputs.append(bias)
     zero = tirx.const(0.0, "float32")
-
-    r = te.reduce_axis((0, bsz), name="r")
-
-    def _abs_in_block(nn, gg, yy, xx):
-        ch = gg * bsz + r
-        v = tirx.abs(x[nn, tirx.min(ch, c - 1), yy, xx])
-        return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
-
-    amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
-                      name="amax")
-
-    def _exponent(nn, gg, yy, xx):
-        e = ((tirx.reinterpret("int32", amax[nn, gg, yy, xx]) >> 23) & 0xFF) - 126
-        return tirx.max(tirx.min(e, E_MAX), E_MIN)
-
-    bfp_e = te.compute((n, g, h, w), _exponent, name="bfp_e")
-
-    def _in_image(yy, xx):
-        return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
-
-    def _clamp(v, size):
-        return tirx.max(tirx.min(v, size - 1), 0)
-
-    def _scale(nn, gg, yy, xx):
-        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
-        return tirx.if_then_else(_in_image(yy, xx), _pow2(e - f), zero)
-
-    bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s")
+    bfp = bfp_stages(x, layer)
+    bfp_s = bfp.bfp_s
 
     def _mantissa_word(nn, gg, k4, yy, xx):
-        y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
-        step = _pow2(f - bfp_e[nn, gg, y0, x0])
         word = _u32(0)
         for b in range(4):
-            k = k4 * 4 + b
-            ch = gg * bsz + k
-            q = tirx.max(tirx.min(tirx.nearbyint(x[nn, tirx.min(ch, c - 1), y0, x0] * step), float(hi)),
-                         float(lo))
-            ok = tirx.all(_in_image(yy, xx), k < bsz, ch < c)
-            qi = tirx.if_then_else(ok, q, zero).astype("int32")
+            qi = bfp.mantissa(nn, gg, k4 * 4 + b, yy, xx).astype("int32")
             if layer.unsigned:
                 qi = qi - 128                         # 0..255 -> -128..127: a signed byte
             word = word | ((qi & 0xFF).astype("uint32") << _u32(8 * b))

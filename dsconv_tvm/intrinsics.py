@@ -175,11 +175,10 @@ def isa_of(target) -> str | None:
 
     if target.kind.name != "llvm":
         return None
-    triple = str(target.attrs.get("mtriple", "")) or str(codegen.llvm_get_system_triple()
-                                                          if hasattr(codegen, "llvm_get_system_triple") else "")
+    triple = str(target.attrs.get("mtriple", "")) or str(codegen.llvm_get_system_triple())
     has = lambda feats: bool(codegen.target_has_features(feats, target))  # noqa: E731
     try:
-        if triple.startswith("aarch64") or "arm_cpu" in set(target.keys) and "aarch64" in triple:
+        if triple.startswith("aarch64"):
             return "sdot" if has("dotprod") else "neon"
         if triple.startswith(("arm", "thumb")):
             return None

@@ -174,6 +174,67 @@ def _pow2(exponent):
     return tirx.reinterpret("float32", (exponent + 127) << 23)
 
 
+@dataclass
+class BFPStages:
+    """The block-floating-point stages shared by the CPU and CUDA DSConv kernels."""
+
+    amax: object        # [N, G, H, W] max |x| over each block of channels, per pixel
+    bfp_e: object       # [N, G, H, W] the block's shared exponent (from the float's bits, exact)
+    bfp_s: object       # [N, G, H+pad, W+pad] block scales 2^(e - f), 0 in the padding
+    mantissa: object    # (n, g, k, y, x) -> float mantissa of channel k of block g at padded (y, x)
+
+
+def bfp_stages(x, layer: DSConvLayer, attrs=None) -> BFPStages:
+    """TE stages quantizing ``x`` [N, C, H, W] to BFP for ``layer`` (exponents per block and
+    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels)."""
+    from tvm import te, tirx
+
+    n, c, h, w = layer.in_shape
+    pt, pl, pb, pr = layer.geom.padding
+    bsz, g = layer.block, layer.groups
+    hp, wpd = h + pt + pb, w + pl + pr
+    f = fraction_bits(layer.mantissa, layer.unsigned)
+    lo, hi = mantissa_range(layer.mantissa, layer.unsigned)
+    zero = tirx.const(0.0, "float32")
+    r = te.reduce_axis((0, bsz), name="r")
+
+    def _abs_in_block(nn, gg, yy, xx):
+        ch = gg * bsz + r
+        v = tirx.abs(x[nn, tirx.min(ch, c - 1), yy, xx])
+        return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
+
+    amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
+                      name="amax", attrs=attrs)
+
+    def _exponent_of_amax(nn, gg, yy, xx):
+        bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
+        e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
+        return tirx.max(tirx.min(e, E_MAX), E_MIN)
+
+    bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name="bfp_e", attrs=attrs)   # once per block and pixel
+
+    def _in_image(yy, xx):
+        return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
+
+    def _clamp(v, size):             # keeps speculated (vectorized) reads inside the image
+        return tirx.max(tirx.min(v, size - 1), 0)
+
+    def _scale(nn, gg, yy, xx):
+        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
+        return tirx.if_then_else(_in_image(yy, xx), _pow2(e - f), zero)
+
+    bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s", attrs=attrs)
+
+    def _mantissa(nn, gg, k, yy, xx):
+        ch = gg * bsz + k
+        y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
+        val = x[nn, tirx.min(ch, c - 1), y0, x0] * _pow2(f - bfp_e[nn, gg, y0, x0])
+        q = tirx.max(tirx.min(tirx.nearbyint(val), float(hi)), float(lo))
+        return tirx.if_then_else(tirx.all(_in_image(yy, xx), k < bsz, ch < c), q, zero)
+
+    return BFPStages(amax, bfp_e, bfp_s, _mantissa)
+
+
 def dsconv_te(layer: DSConvLayer):
     """TE tensors of one DSConv layer: returns (inputs, output) for ``te.create_prim_func``."""
     from tvm import te, tirx
@@ -186,11 +247,9 @@ def dsconv_te(layer: DSConvLayer):
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation
     pt, pl, pb, pr = layer.geom.padding
-    bsz, bp, g = layer.block, layer.slots, layer.groups
+    bp, g = layer.slots, layer.groups
     _, _, oh, ow = layer.out_shape
     hp, wpd = h + pt + pb, w + pl + pr
-    f = fraction_bits(layer.mantissa, layer.unsigned)
-    lo, hi = mantissa_range(layer.mantissa, layer.unsigned)
     z = layer.act_offset
 
     x = te.placeholder((n, c, h, w), "float32", name="x")
@@ -209,42 +268,11 @@ def dsconv_te(layer: DSConvLayer):
         inputs.append(residual)
 
     zero = tirx.const(0.0, "float32")
-    r = te.reduce_axis((0, bsz), name="r")
-
-    def _abs_in_block(nn, gg, yy, xx):
-        ch = gg * bsz + r
-        v = tirx.abs(x[nn, tirx.min(ch, c - 1), yy, xx])
-        return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
-
-    amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
-                      name="amax", attrs=_OTHER)
-
-    def _exponent_of_amax(nn, gg, yy, xx):
-        bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
-        e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
-        return tirx.max(tirx.min(e, E_MAX), E_MIN)
-
-    bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name="bfp_e", attrs=_OTHER)   # once per block and pixel
-
-    def _in_image(yy, xx):
-        return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
-
-    def _clamp(v, size):             # keeps speculated (vectorized) reads inside the image
-        return tirx.max(tirx.min(v, size - 1), 0)
-
-    def _scale(nn, gg, yy, xx):
-        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
-        return tirx.if_then_else(_in_image(yy, xx), _pow2(e - f), zero)
-
-    bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s", attrs=_OTHER)
+    bfp = bfp_stages(x, layer, _OTHER)
+    bfp_s = bfp.bfp_s
 
     def _mantissa(nn, gg, yy, xx, k):
-        ch = gg * bsz + k
-        y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
-        val = x[nn, tirx.min(ch, c - 1), y0, x0] * _pow2(f - bfp_e[nn, gg, y0, x0])
-        q = tirx.max(tirx.min(tirx.nearbyint(val), float(hi)), float(lo))
-        ok = tirx.all(_in_image(yy, xx), k < bsz, ch < c)
-        return (tirx.if_then_else(ok, q, zero) + float(z)).astype(layer.act_dtype)
+        return (bfp.mantissa(nn, gg, k, yy, xx) + float(z)).astype(layer.act_dtype)
 
     bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
 

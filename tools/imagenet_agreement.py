@@ -33,7 +33,8 @@ from imagenet_models import ensure_model  # noqa: E402
 from photo_set import ensure_photo_set  # noqa: E402
 
 
-def _eval(*args) -> dict:
+def eval_json(*args) -> dict:
+    """``dsconv-tvm eval ARGS --json``, its JSON report (stdout to stderr; one line on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         with contextlib.redirect_stdout(sys.stderr):
@@ -63,9 +64,9 @@ def main(argv=None) -> int:
         for bits in args.bits:
             for first in args.first_layer:
                 scheme = ["--bits", bits, "--block", 32, "--mantissa", 8, "--first-layer", first]
-                a = _eval(model, "--images", photos, "--crops", args.crops, "--seed", 0, "--batch", 10,
+                a = eval_json(model, "--images", photos, "--crops", args.crops, "--seed", 0, "--batch", 10,
                           "--sqnr-images", 10, *scheme)
-                s = _eval(model, "--images", labelled, "--labels-from-names", "--crops", 0, "--batch", 10,
+                s = eval_json(model, "--images", labelled, "--labels-from-names", "--crops", 0, "--batch", 10,
                           "--sqnr-images", 0, *scheme)
                 row = {"model": name, "bits": bits, "block": 32, "mantissa": 8, "first_layer": first,
                        "depthwise": "keep", "samples": a["n"], "agreement": a["agreement"],
@@ -115,9 +116,9 @@ def adapted(args) -> int:
                 row = {"model": name, "bits": bits, "block": 32, "mantissa": 8, "calib_inputs": 70, "rounding": args.rounding,
                        "adapt_seconds": round(secs, 1)}
                 for tag, folder, crops in (("agreement_set", photos, args.crops), ("imagenet20_held_out", held_out, 4)):
-                    base = _eval(model, "--images", folder, "--crops", crops, "--seed", 0, "--batch", 10,
+                    base = eval_json(model, "--images", folder, "--crops", crops, "--seed", 0, "--batch", 10,
                                  "--sqnr-images", 0, *scheme)
-                    new = _eval(ad, "--reference", model, "--images", folder, "--crops", crops, "--seed", 0,
+                    new = eval_json(ad, "--reference", model, "--images", folder, "--crops", crops, "--seed", 0,
                                 "--batch", 10, "--sqnr-images", 0, *scheme)
                     row[tag] = {"samples": base["n"], "agreement": base["agreement"],
                                 "adapted_agreement": new["agreement"], "fp32_in_top5": base["fp32_in_top5"],

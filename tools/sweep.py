@@ -19,7 +19,6 @@ Usage: python tools/sweep.py [--models resnet20 vgg_small mobilenet_small mobile
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dsconv_tvm import cli  # noqa: E402
+from imagenet_agreement import eval_json  # noqa: E402
 
 DEFAULT = {"bits": 4, "block": 32, "mantissa": 8}
 LINES = {"bits": [2, 3, 4, 5, 6, 8], "block": [8, 16, 32, 64, 128], "mantissa": [4, 5, 6, 7, 8]}
@@ -57,16 +56,6 @@ def configs(quick: bool) -> list[dict]:
         if c not in out:
             out.append(c)
     return out
-
-
-def _eval(args: list) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "r.json")
-        with contextlib.redirect_stdout(sys.stderr):
-            rc = cli.main(["eval", *map(str, args), "--json", out])
-        if rc != 0:
-            raise SystemExit(f"dsconv-tvm eval {' '.join(map(str, args))} failed ({rc})")
-        return json.load(open(out))
 
 
 def model_and_data(name: str, limit: int):
@@ -159,7 +148,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 scheme = ["--bits", c["bits"], "--block", c["block"], "--mantissa", c["mantissa"],
                           "--first-layer", c.get("first_layer", "keep")]
-                r = _eval([model, *data, "--batch", 50 if labels is not None else 10, "--sqnr-images", 0, *scheme])
+                r = eval_json(model, *data, "--batch", 50 if labels is not None else 10, "--sqnr-images", 0, *scheme)
                 row = {"scheme": "DSConv", "config": c, "weight_bytes": r["weight_bytes_deployed"],
                        "weight_bytes_fp32": r["weight_bytes_fp32"], "agreement": r["agreement"],
                        "fp32_in_top5": r["fp32_in_top5"], "n": r["n"], "seconds": round(time.time() - t0, 1)}
