@@ -235,8 +235,7 @@ def _conv_block(sch: s_tir.Schedule, func: tirx.PrimFunc):
     convs = []
     for blk in _all_blocks(sch):
         b = sch.get(blk)
-        kinds = "".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
-                        for iv in b.iter_vars)
+        kinds = _iter_kinds(b)
         if kinds in ("SSSSRRR", "SSSSRR") and "conv2d" in b.name_hint and b.writes[0].source.dtype == "float32":
             convs.append(blk)
     return convs[0] if len(convs) == 1 else None
@@ -309,8 +308,11 @@ def _get_block_rv_alive(sch: s_tir.Schedule, blk) -> bool:
         return False
 
 
-class FP32ConvCPU(dlight.ScheduleRule):
-    """Default schedule of the fp32 convs a DSConv model keeps (see :func:`schedule_fp32_conv`)."""
+class _FunctionRuleCPU(dlight.ScheduleRule):
+    """A default schedule rule for CPUs made of one ``schedule(func, target)`` function that returns
+    a schedule, or None for PrimFuncs it does not handle (those go on to the next rule)."""
+
+    schedule = None
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -319,18 +321,57 @@ class FP32ConvCPU(dlight.ScheduleRule):
         if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc) or is_dsconv(func):
             return None
         try:
-            return schedule_fp32_conv(func, target)
-        except Exception:  # noqa: BLE001  (a conv this rule cannot handle: the fallback takes it)
+            return type(self).schedule(func, target)
+        except Exception:  # noqa: BLE001  (a function this rule cannot handle: the next rule takes it)
             return None
 
 
-class ParallelFallback(dlight.ScheduleRule):
-    """Every other PrimFunc on a CPU (the convs kept in fp32, pooling, dense, elementwise ops):
-    run its outer spatial loops on all cores, and vectorize the innermost loop of purely
-    elementwise loop nests.  Not fast, just not single-threaded scalar code."""
+class FP32ConvCPU(_FunctionRuleCPU):
+    """Default schedule of the fp32 convs a DSConv model keeps (see :func:`schedule_fp32_conv`)."""
 
-    def is_target_available(self, target: Target) -> bool:
-        return target.kind.name == "llvm"
+    schedule = staticmethod(schedule_fp32_conv)
+
+
+def schedule_pool(func: tirx.PrimFunc, _target: Target) -> s_tir.Schedule | None:
+    """Default schedule of a 2-D pooling PrimFunc (TOPI's pool2d, NCHW): the padding computed inline
+    (no padded copy of the input), output rows in parallel, the window unrolled so each output is
+    reduced in a register.  Returns None if ``func`` is not one."""
+    sch = s_tir.Schedule(func)
+    pools = [blk for blk in _all_blocks(sch)
+             if _iter_kinds(sch.get(blk)) == "SSSSRR" and sch.get(blk).name_hint.startswith("pool_")]
+    if len(pools) != 1:
+        return None
+    pool = pools[0]
+    pad = _get_block(sch, "pad_temp")
+    if pad is not None:
+        sch.compute_inline(pad)
+    n_, c_, y_, _x, r0, r1 = sch.get_loops(pool)
+    sch.parallel(sch.fuse(n_, c_, y_))
+    sch.unroll(r0)
+    sch.unroll(r1)
+    for other in _all_blocks(sch):          # e.g. the division of an average pool: rows in parallel
+        if not sch.get(other).same_as(sch.get(pool)):
+            loops = sch.get_loops(other)
+            if len(loops) == 4 and _iter_kinds(sch.get(other)) == "SSSS":
+                sch.parallel(sch.fuse(*loops[:3]))
+    return sch
+
+
+def _iter_kinds(block) -> str:
+    return "".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
+                   for iv in block.iter_vars)
+
+
+class PoolCPU(_FunctionRuleCPU):
+    """Default schedule of 2-D pooling (see :func:`schedule_pool`)."""
+
+    schedule = staticmethod(schedule_pool)
+
+
+class ParallelFallback(_FunctionRuleCPU):
+    """Every other PrimFunc on a CPU (dense, softmax, elementwise ops, convs the fp32 rule does not
+    take): run its outer spatial loops on all cores, and vectorize the innermost loop of purely
+    elementwise loop nests.  Not fast, just not single-threaded scalar code."""
 
     def apply(self, func, target, _tunable):
         if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc):
@@ -365,6 +406,7 @@ class ParallelFallback(dlight.ScheduleRule):
 
 
 def default_schedule_pass():
-    """The pass that gives every DSConv PrimFunc of a module its default schedule, and every other
-    PrimFunc the parallel fallback (functions already scheduled, e.g. tuned, are left alone)."""
-    return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), ParallelFallback())
+    """The pass that gives every DSConv PrimFunc of a module its default schedule, the fp32 convs and
+    pooling theirs, and every other PrimFunc the parallel fallback (functions already scheduled,
+    e.g. tuned, are left alone)."""
+    return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), PoolCPU(), ParallelFallback())

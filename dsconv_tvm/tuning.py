@@ -128,7 +128,9 @@ def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
-def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, stream, t0: float):
+def _progress_callback(weights: list[float], total_trials: int, result: TuneResult, stream, t0: float):
+    """The progress bar; its "best total" is the sum over tasks of (best kernel time x calls per
+    model run), i.e. the model's estimated kernel time once every task has been measured."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -151,7 +153,8 @@ def _progress_callback(ntasks: int, total_trials: int, result: TuneResult, strea
                 if res.run_secs:
                     t = sum(float(s) for s in res.run_secs) / len(res.run_secs) * 1e3
                     self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
-            total = sum(self.best.values())
+            total = sum(t * weights[i] for i, t in self.best.items())
+            ntasks = len(weights)
             done = len(self.best)
             width = 24
             frac = min(1.0, self.trials / max(total_trials, 1))
@@ -251,10 +254,13 @@ def _tune_contexts(extracted, work_dir: str, seed: int):
 
 def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvConfig | None = None,
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
+               trials_per_task: int | None = None,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
                seed: int = 0, log=None, stream=sys.stderr, dsconv: bool = True) -> TuneResult:
     """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database).
-    ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner."""
+    ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner.
+    ``trials_per_task`` (instead of ``trials``): a budget of that many trials for each task tuned,
+    so that models with more distinct layers get more in total (and every task gets measured)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import meta_schedule as ms
@@ -297,6 +303,9 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     log(f"{len(extracted)} tasks ({sum(1 for n in names if 'dsconv' in n)} DSConv): {', '.join(names)}")
     _quiet_metaschedule_console()
     contexts, weights = _tune_contexts(extracted, work_dir, seed)
+    if trials_per_task is not None:
+        trials = trials_per_task * len(contexts)
+        trials_per_iter = min(trials_per_iter, trials_per_task)
     _quiet_metaschedule_console()           # creating the contexts configures the loggers again
     export = _export_with(spec.cross_compiler) if spec.cross_compiler else None
     init = cpu_intrinsics_only
@@ -319,7 +328,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     result = TuneResult(work_dir, names, trials, 0.0)
     t0 = time.time()
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                 _progress_callback(len(contexts), trials, result, stream, t0)]
+                 _progress_callback([float(w) for w in weights], trials, result, stream, t0)]
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
     try:

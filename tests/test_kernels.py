@@ -222,3 +222,64 @@ def test_armv7_compiles_with_neon():
     asm = _asm("rpi-armv7", DSConvLayer((1, 32, 8, 8), 16, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)),
                                         4, 32, 8, True))
     assert re.search(r"\bvml[a]\.i32\s+q\d+|\bvmlal\.s16\s+q\d+|\bvmul\.i32\s+q\d+", asm)
+
+
+# ---- the default schedules of the fp32 ops a DSConv model keeps (stem conv, pooling) ---------------
+def _pool_reference(x, kind, k, s, pad):
+    n, c, h, w = x.shape
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.full((n, c, h + 2 * pad, w + 2 * pad), fill, np.float32)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    win = np.stack([xp[:, :, i:i + s * oh:s, j:j + s * ow:s] for i in range(k) for j in range(k)])
+    if kind == "max":
+        return win.max(0)
+    valid = np.stack([np.pad(np.ones((h, w), np.float32), pad)[i:i + s * oh:s, j:j + s * ow:s]
+                      for i in range(k) for j in range(k)]).sum(0)
+    return win.sum(0) / valid             # count_include_pad=False
+
+
+@pytest.mark.parametrize("shape,kind,k,s,pad", [((1, 16, 23, 23), "max", 3, 2, 1), ((1, 8, 20, 20), "max", 3, 2, 0),
+                                                 ((2, 8, 14, 14), "avg", 2, 2, 0), ((1, 8, 9, 9), "avg", 3, 1, 1)])
+def test_pool_default_schedule_matches_numpy(shape, kind, k, s, pad):
+    from tvm import te, topi
+
+    from dsconv_tvm.schedule import schedule_pool
+
+    x = te.placeholder(shape, "float32", "x")
+    y = topi.nn.pool2d(x, (k, k), (s, s), (1, 1), (pad,) * 4, kind, count_include_pad=False)
+    sch = schedule_pool(te.create_prim_func([x, y]), HOST)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=HOST)
+    xn = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32))
+    lib(tvm.runtime.tensor(xn), out)
+    np.testing.assert_allclose(out.numpy(), _pool_reference(xn, kind, k, s, pad), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ci,co,hw,k,s", [(3, 16, 30, 7, 2), (3, 24, 17, 3, 1), (5, 8, 12, 3, 2)])
+def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s):
+    """The kept first layer (conv + bias + ReLU) with FP32ConvCPU's schedule, against numpy."""
+    from tvm import te, topi
+
+    from dsconv_tvm.schedule import schedule_fp32_conv
+
+    pad = k // 2
+    x = te.placeholder((1, ci, hw, hw), "float32", "x")
+    wt = te.placeholder((co, ci, k, k), "float32", "w")
+    b = te.placeholder((1, co, 1, 1), "float32", "b")
+    y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
+    sch = schedule_fp32_conv(te.create_prim_func([x, wt, b, y]), HOST)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=HOST)
+    rng = np.random.default_rng(1)
+    xn, wn, bn = (rng.standard_normal(t).astype(np.float32) for t in ((1, ci, hw, hw), (co, ci, k, k), (1, co, 1, 1)))
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32))
+    lib(*(tvm.runtime.tensor(a) for a in (xn, wn, bn)), out)
+    xp = np.pad(xn, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (hw + 2 * pad - k) // s + 1
+    ref = np.zeros((1, co, oh, oh), np.float64)
+    for i in range(k):
+        for j in range(k):
+            ref += np.einsum("oc,nchw->nohw", wn[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * oh:s])
+    np.testing.assert_allclose(out.numpy(), np.maximum(ref + bn, 0), rtol=1e-4, atol=1e-4)

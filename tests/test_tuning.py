@@ -33,7 +33,7 @@ def tuned(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
     model = _one_conv_model(str(d / "one.onnx"))
     work = str(d / "db")
-    rc = cli.main(["tune", model, "--work-dir", work, "--trials", "4", "--trials-per-iter", "2",
+    rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
                    "--block", "8", "--first-layer", "dsconv"])
     assert rc == 0
     return model, work
@@ -43,6 +43,16 @@ def test_tune_writes_a_database(tuned):
     _, work = tuned
     assert os.path.getsize(os.path.join(work, "database_tuning_record.json")) > 0
     assert os.path.getsize(os.path.join(work, "database_workload.json")) > 0
+    with open(os.path.join(work, "database_tuning_record.json")) as f:
+        records = [line for line in f if line.strip()]
+    assert 1 <= len(records) <= 4          # --trials-per-task 4 with one task: 4 trials in total
+
+
+def test_trials_per_task_must_be_positive(tmp_path, capsys):
+    model = _one_conv_model(str(tmp_path / "one.onnx"))
+    assert cli.main(["tune", model, "--work-dir", str(tmp_path / "w"), "--trials-per-task", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--trials-per-task 0" in err and "Traceback" not in err
 
 
 def test_compile_uses_tuning_db_and_matches_reference(tuned, tmp_path, capsys):

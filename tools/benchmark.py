@@ -7,8 +7,8 @@ batch 1:
 * ``ort_fp32``   ONNX Runtime, the fp32 model (``intra_op_num_threads`` = --threads)
 * ``ort_int8``   ONNX Runtime, static int8: QDQ, per-channel s8 weights, u8 activations calibrated
                  on the benchmark images themselves
-* ``tvm_fp32``   TVM, the fp32 model, tuned with MetaSchedule + XGBoost with --trials trials
-* ``dsconv_b32`` / ``dsconv_b64``  DSConv W4 m=8, B=32 / 64, tuned with the same --trials
+* ``tvm_fp32``   TVM, the fp32 model, tuned with MetaSchedule + XGBoost with --trials trials (or --trials-per-task K per task)
+* ``dsconv_b32`` / ``dsconv_b64``  DSConv W4 m=8, B=32 / 64, tuned with the same budget
                  (``TVM_NUM_THREADS`` = --threads)
 
 Every variant is timed in its own child process (no thread pool of one runtime disturbs another):
@@ -21,7 +21,7 @@ every tensor kept fp32 for DSConv.  A per-layer report times the largest DSConv 
 Writes ``<out-dir>/<name>.{json,csv,md,png}``.  Tuning databases are cached in --work-dir (default
 ``~/.cache/dsconv-tvm/bench/tune``), keyed by model, variant and trials: a rerun does not retune.
 
-Usage:  python tools/benchmark.py [--models resnet50 ...] [--trials N | --no-tune] [...]
+Usage:  python tools/benchmark.py [--models resnet50 ...] [--trials N | --trials-per-task K | --no-tune] [...]
 """
 
 from __future__ import annotations
@@ -150,19 +150,20 @@ def tune_cached(model: bench_models.BenchModel, variant: str, args) -> tuple[str
 
     if args.no_tune or args.trials <= 0:
         return None, {"tuned": False}
-    work = os.path.join(args.work_dir, args.target, model.name, f"{variant}_t{args.trials}")
+    work = tune_dir(args, model.name, variant)
     marker = os.path.join(work, "bench_tune.json")
     if os.path.isfile(marker) and is_database_dir(work):
         with open(marker) as f:
             return work, json.load(f)
-    log(f"{model.name} {variant}: tuning with {args.trials} trials -> {work}")
+    log(f"{model.name} {variant}: tuning with {budget_text(args)} -> {work}")
     dsconv = variant.startswith("dsconv")
     res = tune_model(model.path, args.target, work, dsconv_config(variant) if dsconv else None,
-                     trials=args.trials, trials_per_iter=args.trials_per_iter, dsconv=dsconv,
+                     trials=args.trials, trials_per_iter=args.trials_per_iter,
+                     trials_per_task=args.trials_per_task, dsconv=dsconv,
                      log=lambda m: log(f"  {m}"))
     final, reach_s, reach_n = convergence(res.history)
     done = bool(res.history)          # a history exists once every task has been measured
-    info = {"tuned": True, "trials": args.trials, "tasks": len(res.tasks), "seconds": round(res.seconds, 1),
+    info = {"tuned": True, "trials": res.trials, "tasks": len(res.tasks), "seconds": round(res.seconds, 1),
             "failures": res.failures, "all_tasks_measured": done, "final_total_ms": final if done else None,
             "within10_seconds": round(reach_s, 1) if done else None, "within10_trials": reach_n if done else None,
             "history": res.history}
@@ -170,6 +171,17 @@ def tune_cached(model: bench_models.BenchModel, variant: str, args) -> tuple[str
         json.dump(info, f)
     os.replace(marker + ".tmp", marker)
     return work, info
+
+
+def tune_dir(args, model_name: str, variant: str) -> str:
+    budget = f"k{args.trials_per_task}" if args.trials_per_task else f"t{args.trials}"
+    return os.path.join(args.work_dir, args.target, model_name, f"{variant}_{budget}")
+
+
+def budget_text(args) -> str:
+    if args.trials_per_task:
+        return f"{args.trials_per_task} trials per task"
+    return f"{args.trials} trials per model"
 
 
 def build_tvm_fp32(model_path: str, target: str, db_dir: str | None, out: str) -> dict:
@@ -438,8 +450,8 @@ def markdown(results: dict) -> str:
               f"{results['cores']}; target {results['target']}; batch 1; {results['repeat']} x "
               f"{results['number']} timed calls after {results['warmup']} warm-up calls (variants slower than "
               f"the {results.get('budget', '?')} s budget: number 1 and fewer repeats, see the JSON); "
-              f"tuning budget {results['trials'] if not results['no_tune'] else 'none (--no-tune)'} trials "
-              f"per model and variant.\n\n")
+              f"tuning budget: {results.get('budget_text', str(results['trials']) + ' trials per model') if not results['no_tune'] else 'none (--no-tune)'}"
+              f" for each TVM variant.\n\n")
     out.write("| model | variant | median ms (min-max) | / ORT fp32 | / ORT int8 | / TVM fp32 | weights | "
               "/ fp32 | argmax agree | rel. L2 vs ORT fp32 |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for r in flat_rows(results):
@@ -592,7 +604,7 @@ def ship_schedules(results: dict, args) -> str:
             tun = v.get("tuning") or {}
             if not tun.get("tuned") or not variant.startswith("dsconv") and not args.ship_fp32:
                 continue
-            src = os.path.join(args.work_dir, args.target, m["model"], f"{variant}_t{args.trials}")
+            src = tune_dir(args, m["model"], variant)
             ms.database.JSONDatabase(work_dir=src, allow_missing=False).dump_pruned(dst)
             n += 1
     log(f"merged {n} tuning databases into {dest}")
@@ -607,6 +619,8 @@ def parse_args(argv=None):
     ap.add_argument("--target", default="x86-avx2", help="TVM target (default x86-avx2)")
     ap.add_argument("--trials", type=int, default=64, help="tuning trials per model and TVM variant (same "
                                                            "budget for fp32 and DSConv; default 64)")
+    ap.add_argument("--trials-per-task", type=int, default=None, metavar="K",
+                    help="instead of --trials: K trials per tuning task (same for fp32 and DSConv)")
     ap.add_argument("--trials-per-iter", type=int, default=16)
     ap.add_argument("--no-tune", action="store_true", help="no tuning: shipped schedules, else defaults")
     ap.add_argument("--dense", choices=["dsconv", "keep"], default="dsconv",
@@ -652,7 +666,8 @@ def run(args) -> dict:
     log(f"int8 peak {peak['peak_gops']:.0f} GOP/s ({peak['isa']}, {clock['clock_hz'] / 1e9:.2f} GHz x "
         f"{len(cores)} cores)")
     results = {"machine": machine_info(), "target": args.target, "threads": args.threads, "cores": cores,
-               "trials": args.trials, "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
+               "trials": args.trials, "trials_per_task": args.trials_per_task, "budget_text": budget_text(args),
+               "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
                "number": args.number, "budget": args.budget, "images": args.images, "peak": peak, "models": [], "layers": []}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dsconv-bench-") as work:
