@@ -561,8 +561,22 @@ def plot(results: dict, path: str) -> bool:
     return True
 
 
+def _without_home(obj):
+    """``obj`` with the user's home directory written as ``~`` in every string (the results files
+    are committed: no path of the machine that ran them)."""
+    home = os.path.expanduser("~").rstrip(os.sep) + os.sep
+    if isinstance(obj, str):
+        return obj.replace(home, "~" + os.sep)
+    if isinstance(obj, dict):
+        return {k: _without_home(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_without_home(v) for v in obj]
+    return obj
+
+
 def write_outputs(results: dict, out_dir: str, name: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
+    results = _without_home(results)
     base = os.path.join(out_dir, name)
     _atomic_text(base + ".json", json.dumps(results, indent=1, default=float))
     write_csv(results, base + ".csv")
