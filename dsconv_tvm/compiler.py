@@ -1,7 +1,7 @@
 """ONNX -> Relax -> DSConv Relax -> scheduled TensorIR -> .so: the one compile path.
 
 ``compile_model`` is what ``dsconv-tvm compile`` runs.  The pieces are usable on their own:
-``build_relax`` (import + rewrite), ``relax_pipeline`` (TVM's CPU pipeline with the DSConv default
+``build_relax`` (import + rewrite), ``relax_pipeline`` (TVM's CPU or CUDA pipeline with the DSConv default
 schedules inserted after fusion) and ``build`` (Relax module -> executable for a target).
 """
 
@@ -22,16 +22,16 @@ from .transform import ConversionReport, DSConvRewrite
 
 
 def relax_pipeline(target, database=None, tuned: list | None = None):
-    """TVM's default CPU Relax pipeline, with (in this order) the schedules of a tuning database
-    applied to the fused TIR, then the DSConv / fallback default schedule rules for the rest.
-    The names of the functions the database scheduled are appended to ``tuned``."""
+    """TVM's default Relax pipeline for the target (CPU or CUDA), with (in this order) the schedules
+    of a tuning database applied to the fused TIR, then the DSConv / fallback default schedule
+    rules for the rest.  The names of the functions the database scheduled are appended to
+    ``tuned``."""
     import contextlib
 
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from .schedule import default_schedule_pass, register_metaschedule_rule
+    from .schedule import register_metaschedule_rule
 
     if database is not None:             # replaying tuned traces needs the DSConv intrinsics
         register_metaschedule_rule()
@@ -43,9 +43,19 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
                          if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled", False))
         return mod
 
-    if target.kind.name == "cuda":           # GPU: dlight GPU rules + the CUDA DSConv rule
-        from .cuda import relax_pipeline as cuda_pipeline
-        return cuda_pipeline(target, database, _record)
+    if target.kind.name == "cuda":           # GPU: the CUDA DSConv rule in front of dlight's GPU rules
+        from tvm.relax.backend.cuda import pipeline as backend
+
+        from . import cuda
+        cuda.register_codegen_hook()
+        legalize, default_schedules = cuda.legalize_passes, cuda.default_schedule_pass
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+
+        from .schedule import default_schedule_pass as default_schedules
+
+        def legalize(t):
+            return backend.library_dispatch_passes(t) + backend.legalize_passes(t)
 
     @tvm.transform.module_pass(opt_level=0, name="DSConvPipeline")
     def _pipeline(mod, _ctx):
@@ -53,12 +63,11 @@ def relax_pipeline(target, database=None, tuned: list | None = None):
             apply_db = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False), _record] \
                 if database is not None else []
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
+                legalize(target)
                 + apply_db
-                + [default_schedule_pass()]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target))
+                + [default_schedules()]
+                + backend.dataflow_lower_passes(target)
+                + backend.finalize_passes(target))
             mod = seq(mod)
         return mod
 

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bfp import num_blocks
-from .kernels import bfp_stages
+from .kernels import bfp_stages, slot_weights
 from .errors import TargetError
 
 CUDA_BLOCKS = ("amax", "bfp_e", "bfp_s", "bfp_m4", "dsconv_acc", "dsconv_out", "dsconv_epilogue")
@@ -117,19 +116,11 @@ def weight_shape(layer) -> tuple[int, ...]:
 
 def pack_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
     """int (CO, CI, KH, KW) weights -> int32 words ``[G, KH, KW, words, CO]`` (module docstring)."""
-    co, ci, kh, kw = q.shape
-    g = num_blocks(ci, block)
     packed = bits <= 4
     step = 8 if packed else 4
-    bp = -(-block // step) * step
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if q.min(initial=0) < lo or q.max(initial=0) > hi:
-        raise ValueError(f"weights outside the {bits}-bit range [{lo}, {hi}]")
-    full = np.zeros((co, g * block, kh, kw), np.int64)
-    full[:, :ci] = q
-    slots = np.zeros((g, bp, kh, kw, co), np.int64)
-    slots[:, :block] = full.reshape(co, g, block, kh, kw).transpose(1, 2, 3, 4, 0)
-    slots = slots.transpose(0, 2, 3, 1, 4).reshape(g, kh, kw, bp // step, step, co)  # G,KH,KW,W,s,CO
+    slots = slot_weights(q, bits, block, step)                          # G, KH, KW, Bp, CO
+    g, kh, kw, bp, co = slots.shape
+    slots = slots.reshape(g, kh, kw, bp // step, step, co)              # G, KH, KW, W, s, CO
     if packed:
         nib = slots & 0xF
         byte = nib[..., 0:4, :] | (nib[..., 4:8, :] << 4)                  # byte b: ch b | ch b+4
@@ -459,34 +450,6 @@ def tuning_export(arch: str, ptx_version: str | None = None):
         mod.export_library(path, fpack_imports=pack_imports(arch, ptx_version, check_ptxas=False))
         return path
     return export
-
-
-def relax_pipeline(target, database=None, record=None):
-    """TVM's CUDA Relax pipeline with the tuning database, then the DSConv rule, in front of the
-    dlight GPU rules.  ``record`` is the pass that lists the functions the database scheduled."""
-    import contextlib
-
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cuda import pipeline as cuda_pipe
-
-    register_codegen_hook()
-
-    @tvm.transform.module_pass(opt_level=0, name="DSConvCUDAPipeline")
-    def _pipeline(mod, _ctx):
-        with target, (database if database is not None else contextlib.nullcontext()):
-            apply_db = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] \
-                + ([record] if record is not None else []) if database is not None else []
-            seq = tvm.transform.Sequential(
-                legalize_passes(target)
-                + apply_db
-                + [default_schedule_pass()]
-                + cuda_pipe.dataflow_lower_passes(target)
-                + cuda_pipe.finalize_passes(target))
-            mod = seq(mod)
-        return mod
-
-    return _pipeline
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,6 +62,13 @@ def _desc(lanes: int, act_dtype: str):
     return desc
 
 
+def _splat(A, half: int, dtype: str, copies: int):
+    """The 4 activation bytes of one 4-channel half (0 or 1) of ``A``, repeated ``copies`` times as
+    one byte vector (one 32-bit broadcast): the operand facing ``copies`` output channels."""
+    word = T.reinterpret(A.vload([half * TAP], f"{dtype}x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(word, copies), dtype=f"{dtype}x{copies * TAP}")
+
+
 def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
     """u8 x s8: vpmaddubsw per 4-channel half to pairs of i16, the halves added in i16, then
     vpmaddwd against ones to i32 and added to C."""
@@ -76,10 +83,8 @@ def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
             T.writes(C[0:lanes])
-            lo = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
-                               dtype=f"uint8x{nbytes}")
-            hi = T.reinterpret(T.broadcast(T.reinterpret(A.vload([TAP], "uint8x4"), dtype="int32"), lanes),
-                               dtype=f"uint8x{nbytes}")
+            lo = _splat(A, 0, "uint8", lanes)
+            hi = _splat(A, 1, "uint8", lanes)
             pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), lo,
                                             B.vload([0, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}") \
                 + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), hi,
@@ -106,10 +111,8 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
             T.writes(C[0:lanes])
-            lo = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{act_dtype}x4"), dtype="int32"), lanes),
-                               dtype=f"{act_dtype}x{nbytes}")
-            hi = T.reinterpret(T.broadcast(T.reinterpret(A.vload([TAP], f"{act_dtype}x4"), dtype="int32"), lanes),
-                               dtype=f"{act_dtype}x{nbytes}")
+            lo = _splat(A, 0, act_dtype, lanes)
+            hi = _splat(A, 1, act_dtype, lanes)
             w_lo = B.vload([0, 0, 0], f"int8x{nbytes}")
             w_hi = B.vload([1, 0, 0], f"int8x{nbytes}")
             first = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], f"int32x{lanes}"),
@@ -133,8 +136,8 @@ def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4], A[0:2 * TAP], B[0:2, 0:4, 0:TAP])
         T.writes(C[0:4])
-        lo = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2), dtype="int8x8")
-        hi = T.reinterpret(T.broadcast(T.reinterpret(A.vload([TAP], "int8x4"), dtype="int32"), 2), dtype="int8x8")
+        lo = _splat(A, 0, "int8", 2)
+        hi = _splat(A, 1, "int8", 2)
         p01 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), B.vload([0, 0, 0], "int8x8"), lo, dtype="int16x8") \
             + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), B.vload([1, 0, 0], "int8x8"), hi, dtype="int16x8")
         p23 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), B.vload([0, 2, 0], "int8x8"), lo, dtype="int16x8") \

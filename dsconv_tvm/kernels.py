@@ -98,11 +98,12 @@ class DSConvLayer:
         return (self.groups, kh, kw, self.slots // unit, self.out_channels, TAP)
 
 
-def _slot_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """int (CO, CI, KH, KW) -> (G, KH, KW, Bp, CO) int64 with zero slots beyond the channels."""
+def slot_weights(q: np.ndarray, bits: int, block: int, step: int = 2 * TAP) -> np.ndarray:
+    """int (CO, CI, KH, KW) -> (G, KH, KW, Bp, CO) int64 with zero slots beyond the channels; Bp is
+    the block rounded up to a multiple of ``step`` (the channels one packed unit holds)."""
     co, ci, kh, kw = q.shape
     g = num_blocks(ci, block)
-    bp = -(-block // (2 * TAP)) * 2 * TAP
+    bp = -(-block // step) * step
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if q.min(initial=0) < lo or q.max(initial=0) > hi:
         raise ValueError(f"weights outside the {bits}-bit range [{lo}, {hi}]")
@@ -115,7 +116,7 @@ def _slot_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
 
 def pack_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
     """int (CO, CI, KH, KW) weights -> the kernel's packed layout (see module docstring)."""
-    slots = _slot_weights(q, bits, block)
+    slots = slot_weights(q, bits, block)
     g, kh, kw, bp, co = slots.shape
     if bits > 4:                                                # [G, KH, KW, Bp/4, CO, 4] int8
         return np.ascontiguousarray(
@@ -148,7 +149,7 @@ def pack_scales(xi: np.ndarray, scale_dtype: str) -> np.ndarray:
 
 def offset_correction(layer: DSConvLayer, q: np.ndarray) -> np.ndarray:
     """corr[G, KH, KW, CO] = z * (sum of the block's weights), int32 (see module docstring)."""
-    slots = _slot_weights(q, layer.bits, layer.block)            # G, KH, KW, Bp, CO
+    slots = slot_weights(q, layer.bits, layer.block)            # G, KH, KW, Bp, CO
     return np.ascontiguousarray((layer.act_offset * slots.sum(axis=3)).astype(np.int32))
 
 

@@ -321,7 +321,7 @@ class _FunctionRuleCPU(dlight.ScheduleRule):
         if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc) or is_dsconv(func):
             return None
         try:
-            return type(self).schedule(func, target)
+            return self.schedule(func, target)
         except Exception:  # noqa: BLE001  (a function this rule cannot handle: the next rule takes it)
             return None
 

@@ -154,14 +154,13 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
                     t = sum(float(s) for s in res.run_secs) / len(res.run_secs) * 1e3
                     self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
             total = sum(t * weights[i] for i, t in self.best.items())
-            ntasks = len(weights)
             done = len(self.best)
             width = 24
             frac = min(1.0, self.trials / max(total_trials, 1))
             bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-            if done == ntasks:            # a total over every task: comparable between rounds
+            if done == len(weights):      # a total over every task: comparable between rounds
                 result.history.append((time.time() - t0, self.trials, total))
-            print(f"tune [{bar}] trials {self.trials}/{total_trials}  tasks measured {done}/{ntasks}  "
+            print(f"tune [{bar}] trials {self.trials}/{total_trials}  tasks measured {done}/{len(weights)}  "
                   f"best total {total:.3f} ms  {time.time() - t0:.0f} s", file=stream, flush=True)
 
     return Progress()

@@ -155,7 +155,7 @@ def tune_cached(model: bench_models.BenchModel, variant: str, args) -> tuple[str
     if os.path.isfile(marker) and is_database_dir(work):
         with open(marker) as f:
             return work, json.load(f)
-    log(f"{model.name} {variant}: tuning with {budget_text(args)} -> {work}")
+    log(f"{model.name} {variant}: tuning with {budget_text(args.trials, args.trials_per_task)} -> {work}")
     dsconv = variant.startswith("dsconv")
     res = tune_model(model.path, args.target, work, dsconv_config(variant) if dsconv else None,
                      trials=args.trials, trials_per_iter=args.trials_per_iter,
@@ -178,10 +178,8 @@ def tune_dir(args, model_name: str, variant: str) -> str:
     return os.path.join(args.work_dir, args.target, model_name, f"{variant}_{budget}")
 
 
-def budget_text(args) -> str:
-    if args.trials_per_task:
-        return f"{args.trials_per_task} trials per task"
-    return f"{args.trials} trials per model"
+def budget_text(trials: int, trials_per_task: int | None) -> str:
+    return f"{trials_per_task} trials per task" if trials_per_task else f"{trials} trials per model"
 
 
 def build_tvm_fp32(model_path: str, target: str, db_dir: str | None, out: str) -> dict:
@@ -450,7 +448,7 @@ def markdown(results: dict) -> str:
               f"{results['cores']}; target {results['target']}; batch 1; {results['repeat']} x "
               f"{results['number']} timed calls after {results['warmup']} warm-up calls (variants slower than "
               f"the {results.get('budget', '?')} s budget: number 1 and fewer repeats, see the JSON); "
-              f"tuning budget: {results.get('budget_text', str(results['trials']) + ' trials per model') if not results['no_tune'] else 'none (--no-tune)'}"
+              f"tuning budget: {budget_text(results['trials'], results.get('trials_per_task')) if not results['no_tune'] else 'none (--no-tune)'}"
               f" for each TVM variant.\n\n")
     out.write("| model | variant | median ms (min-max) | / ORT fp32 | / ORT int8 | / TVM fp32 | weights | "
               "/ fp32 | argmax agree | rel. L2 vs ORT fp32 |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -680,8 +678,7 @@ def run(args) -> dict:
     log(f"int8 peak {peak['peak_gops']:.0f} GOP/s ({peak['isa']}, {clock['clock_hz'] / 1e9:.2f} GHz x "
         f"{len(cores)} cores)")
     results = {"machine": machine_info(), "target": args.target, "threads": args.threads, "cores": cores,
-               "trials": args.trials, "trials_per_task": args.trials_per_task, "budget_text": budget_text(args),
-               "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
+               "trials": args.trials, "trials_per_task": args.trials_per_task, "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
                "number": args.number, "budget": args.budget, "images": args.images, "peak": peak, "models": [], "layers": []}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dsconv-bench-") as work:
