@@ -2,9 +2,14 @@
 """Train three small CNNs on Fashion-MNIST (CPU) and export each to a single-file ONNX model (opset 18).
 
 Models: ``resnet20`` (CIFAR-style ResNet-20), ``vgg_small`` (VGG with BN), ``mobilenet_small``
-(MobileNet-v1-style depthwise-separable blocks).  Every model takes the raw [0, 1] image (input
-"input", shape (N, 1, 28, 28), N dynamic) and normalizes it itself ((x - 0.2860) / 0.3530) before the
-first convolution; the output is "logits" (N, 10).  BatchNormalization nodes are kept in the ONNX files.
+(MobileNet-v1-style depthwise-separable blocks), ``inception_small`` (GoogLeNet-style: concatenated
+1x1 / 3x3 / 5x5 / pool branches, channel counts that are not multiples of 32) and ``dense_small``
+(DenseNet-style concatenation of 3x3 and 5x5 conv-BN-ReLU layers, strided-conv downsampling, growth 12).
+Every model except ``dense_small`` takes the raw [0, 1] image (input "input", shape (N, 1, 28, 28),
+N dynamic) and normalizes it itself ((x - 0.2860) / 0.3530) before the first convolution;
+``dense_small`` expects the *normalized* image as its input (the preprocessing is the user's job, as for
+most models trained elsewhere).  The output is "logits" (N, 10).  BatchNormalization nodes are kept in
+the ONNX files.
 
 Usage::
 
@@ -130,12 +135,84 @@ class MobileNetSmall(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class InceptionBlock(nn.Module):
+    """GoogLeNet inception module: 1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max-pool -> 1x1, concatenated."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int) -> None:
+        super().__init__()
+        self.b1 = conv_bn_relu(cin, c1, 1)
+        self.b3 = nn.Sequential(conv_bn_relu(cin, c3r, 1), conv_bn_relu(c3r, c3, 3))
+        self.b5 = nn.Sequential(conv_bn_relu(cin, c5r, 1), conv_bn_relu(c5r, c5, 5))
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn_relu(cin, cp, 1))
+        self.cout = c1 + c3 + c5 + cp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
+
+
+class InceptionSmall(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.norm = Normalize()
+        self.stem = nn.Sequential(conv_bn_relu(1, 24, 5), nn.MaxPool2d(2))      # 28 -> 14
+        self.i1 = InceptionBlock(24, 20, 16, 28, 6, 12, 12)                     # 72 channels
+        self.i2 = InceptionBlock(self.i1.cout, 24, 20, 36, 8, 16, 16)           # 92
+        self.pool = nn.MaxPool2d(2)                                             # 14 -> 7
+        self.i3 = InceptionBlock(self.i2.cout, 40, 24, 44, 12, 20, 16)          # 120
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.i3.cout, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.i2(self.i1(self.stem(self.norm(x))))
+        x = self.i3(self.pool(x))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+class DenseStage(nn.Module):
+    """DenseNet-style stage: each conv-BN-ReLU layer sees the concatenation of all earlier outputs."""
+
+    def __init__(self, cin: int, growth: int, kernels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for k in kernels:
+            self.layers.append(conv_bn_relu(cin, growth, k))
+            cin += growth
+        self.cout = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class DenseSmall(nn.Module):
+    """Takes the normalized image ((x - 0.2860) / 0.3530): no Normalize module inside."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(1, 20, 3, stride=2)                           # 28 -> 14
+        self.d1 = DenseStage(20, 12, (3, 5, 3))                                 # 56 channels
+        self.t1 = conv_bn_relu(self.d1.cout, 44, 3, stride=2)                   # 14 -> 7
+        self.d2 = DenseStage(44, 12, (3, 5, 3, 3))                              # 92
+        self.t2 = conv_bn_relu(self.d2.cout, 100, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.t2(self.d2(self.t1(self.d1(self.stem(x)))))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
 # name -> (constructor, epochs at --epochs-scale 1, peak learning rate)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, float]] = {
     "resnet20": (ResNet20, 3, 3e-3),
     "vgg_small": (VGGSmall, 3, 2e-3),
     "mobilenet_small": (MobileNetSmall, 4, 3e-3),
+    "inception_small": (InceptionSmall, 3, 3e-3),
+    "dense_small": (DenseSmall, 3, 3e-3),
 }
+# models whose ONNX input is the normalized image (x - MEAN) / STD rather than x in [0, 1]
+NORMALIZED_INPUT = {"dense_small"}
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -286,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="models", help="output directory")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # deterministic, and the build machines are shared
     os.makedirs(args.out, exist_ok=True)
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
@@ -308,11 +385,16 @@ def main(argv: list[str] | None = None) -> int:
         np.random.seed(SEED)
         model = ctor()
         params = sum(p.numel() for p in model.parameters())
+        normalized = name in NORMALIZED_INPUT
+        # a model that expects the normalized image is trained behind a Normalize (the augmentation pads
+        # with raw zeros) and exported without it
+        trained: nn.Module = nn.Sequential(Normalize(), model) if normalized else model
         print(f"[{name}] {params} parameters, {epochs} epochs, lr {lr}", flush=True)
-        train_s = train(name, model, epochs, lr, xtr, ytr, xte, yte)
+        train_s = train(name, trained, epochs, lr, xtr, ytr, xte, yte)
         path = os.path.join(args.out, f"{name}.onnx")
         export_onnx(model, path)
-        diff, acc = ort_check(model, path, xte, yte)
+        xte_in = ((xte - MEAN) / STD).astype(np.float32) if normalized else xte
+        diff, acc = ort_check(model, path, xte_in, yte)
         print(f"[{name}] exported {path} ({os.path.getsize(path)} bytes); max |ort - torch| = {diff:.2e}; "
               f"ORT test top-1 = {acc:.4f}", flush=True)
         if diff > 1e-3:
@@ -329,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": BATCH,
             "torch_version": torch.__version__,
             "seed": SEED,
+            "input": (f"float32 (N,1,28,28), normalized: (x - {MEAN}) / {STD} with x in [0,1]" if normalized
+                      else "float32 (N,1,28,28) in [0,1]"),
         }
         atomic_write_bytes(json_path, (json.dumps(summary, indent=2) + "\n").encode())
     print(json.dumps(summary["models"], indent=2))
