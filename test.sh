@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SETUP_NO_DEMO=1 bash setup.sh
+"${VENV:-.venv}/bin/ruff" check dsconv_tvm
 exec "${VENV:-.venv}/bin/python" -m pytest -q "$@"

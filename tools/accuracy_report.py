@@ -23,7 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dsconv_tvm import cli  # noqa: E402
+from dsconv_tvm.cli import main as cli  # noqa: E402
 
 
 def _cli(*args) -> None:

@@ -27,14 +27,17 @@ def main(argv=None) -> int:
     import tvm
     from tvm import relax
 
-    from dsconv_tvm import cuda
-    from dsconv_tvm.compiler import build, build_relax, compare_outputs, rewrite_dsconv, run_executable, sample_inputs
+    from dsconv_tvm.backends.cuda.arch import gpu_present
+    from dsconv_tvm.backends.cuda.backend import spec_arch
+    from dsconv_tvm.driver.compile import build, build_relax, rewrite_dsconv
+    from dsconv_tvm.execute.compare import compare_outputs
+    from dsconv_tvm.execute.runner import run_executable, sample_inputs
     from dsconv_tvm.config import DSConvConfig
     from dsconv_tvm.errors import DSConvError
-    from dsconv_tvm.frontend import load_onnx
-    from dsconv_tvm.targets import get_target
+    from dsconv_tvm.frontend.onnx import load_onnx
+    from dsconv_tvm.target import get_target
 
-    if not cuda.gpu_present():
+    if not gpu_present():
         print("bench_cuda: no CUDA GPU usable here (no driver/GPU, or TVM's CUDA runtime cannot load); "
               "nothing was measured", file=sys.stderr)
         return 2
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         database = ms.database.JSONDatabase(work_dir=args.tuning_db)
     dev = tvm.cuda(0)
     inputs = sample_inputs(loaded)
-    arch = cuda.spec_arch(spec)
+    arch = spec_arch(spec)
     print(f"GPU {arch}; model {args.model}; {len(report.converted)} of {len(report.layers)} convs -> DSConv W{args.bits}")
     outs, tmp = {}, tempfile.mkdtemp()
     for name, mod in (("tvm-fp32", fp32_mod), ("tvm-fp16", fp16_mod), (f"dsconv-w{args.bits}", ds_mod)):

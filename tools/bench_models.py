@@ -52,7 +52,7 @@ class BenchModel:
 
 
 def bench_cache() -> str:
-    from dsconv_tvm.runtime import cache_root
+    from dsconv_tvm.deploy.runtime import cache_root
 
     path = os.path.join(str(cache_root()), "bench")
     os.makedirs(path, exist_ok=True)
@@ -340,7 +340,7 @@ def prepare_imagenet(name: str, n_images: int, seed: int = 0, log=print) -> Benc
 
 
 def prepare_example(name: str, n_images: int) -> BenchModel:
-    from dsconv_tvm.datasets import load_fashion_mnist
+    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
 
     path = os.path.join(REPO, "models", f"{name}.onnx")
     try:
@@ -368,7 +368,7 @@ def prepare(name: str, n_images: int, seed: int = 0, log=print) -> BenchModel | 
 
 
 def _input_shape(path: str) -> list[int]:
-    from dsconv_tvm.frontend import load_onnx
+    from dsconv_tvm.frontend.onnx import load_onnx
 
     loaded = load_onnx(path)
     return list(next(iter(loaded.input_shapes.values())))

@@ -47,6 +47,7 @@ for _p in (REPO, TOOLS):
         sys.path.insert(0, _p)
 
 import bench_models  # noqa: E402
+from dsconv_tvm.fileio import atomic_write_text  # noqa: E402
 import bench_peak  # noqa: E402
 
 VARIANTS = ("ort_fp32", "ort_int8", "tvm_fp32", "dsconv_b32", "dsconv_b64")
@@ -100,7 +101,7 @@ def time_child(spec: dict) -> dict:
     else:
         import tvm
 
-        from dsconv_tvm.evaluate import load_library
+        from dsconv_tvm.execute.runner import load_library
 
         vm, _shape = load_library(spec["path"])
 
@@ -121,7 +122,7 @@ def time_child(spec: dict) -> dict:
                 call(x1)
             times.append((time.perf_counter() - t0) * 1e3 / number)
     else:
-        from dsconv_tvm.evaluate import time_main
+        from dsconv_tvm.execute.runner import time_main
 
         _, times = time_main(vm, x1, repeat, number)
     np.save(spec["outputs"], np.concatenate(outs).astype(np.float32))
@@ -146,7 +147,8 @@ def time_variant(kind: str, path: str, images_npy: str, args, work: str, tag: st
 # ------------------------------------------------------------------------------------------------
 def tune_cached(model: bench_models.BenchModel, variant: str, args) -> tuple[str | None, dict]:
     """(database dir or None, tuning info).  Tunes once per (model, variant, trials, target)."""
-    from dsconv_tvm.tuning import convergence, is_database_dir, tune_model
+    from dsconv_tvm.driver.tune import convergence, tune_model
+    from dsconv_tvm.driver.database import is_database_dir
 
     if args.no_tune or args.trials <= 0:
         return None, {"tuned": False}
@@ -184,10 +186,10 @@ def budget_text(trials: int, trials_per_task: int | None) -> str:
 
 def build_tvm_fp32(model_path: str, target: str, db_dir: str | None, out: str) -> dict:
     """The fp32 model through the same pipeline (database: the tuned one, else shipped/default)."""
-    from dsconv_tvm.compiler import build, build_relax
-    from dsconv_tvm.frontend import load_onnx
-    from dsconv_tvm.targets import get_target
-    from dsconv_tvm.tuning import find_database
+    from dsconv_tvm.driver.compile import build, build_relax
+    from dsconv_tvm.frontend.onnx import load_onnx
+    from dsconv_tvm.target import get_target
+    from dsconv_tvm.driver.database import find_database
 
     t0 = time.time()
     spec = get_target(target)
@@ -202,7 +204,7 @@ def build_tvm_fp32(model_path: str, target: str, db_dir: str | None, out: str) -
 
 
 def build_dsconv(model_path: str, target: str, variant: str, db_dir: str | None, out: str):
-    from dsconv_tvm.compiler import compile_model
+    from dsconv_tvm.driver.compile import compile_model
 
     t0 = time.time()
     result = compile_model(model_path, target, out, dsconv_config(variant), check=False, tuning_db=db_dir)
@@ -222,60 +224,46 @@ def dsconv_weight_bytes(result, fp32_total: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # per-layer report
 # ------------------------------------------------------------------------------------------------
-def layer_macs(layer) -> int:
-    n, co, oh, ow = layer.out_shape
-    return int(n * co * oh * ow * layer.in_shape[1] * layer.kernel[0] * layer.kernel[1])
-
-
-def dsconv_layer_of(report_layer, config):
-    """The :class:`DSConvLayer` the rewrite built for a converted layer (same fields as transform.py)."""
-    from dsconv_tvm.kernels import DSConvLayer
-
-    w = report_layer.weight_shape
-    return DSConvLayer(tuple(report_layer.in_shape), int(w[0]), (int(w[2]), int(w[3])), report_layer.geom,
-                       config.bits, config.block, config.mantissa, report_layer.unsigned, config.scale_dtype,
-                       report_layer.bias is not None, report_layer.activation)
-
-
-def standalone_layer_module(layer):
-    """A Relax module whose main calls the layer's PrimFunc once, as the model does (random weights)."""
+def standalone_layer_module(report_layer, spec):
+    """A Relax module whose main calls the converted layer's own PrimFunc once, as the model does: the
+    :class:`DSConvLayer` the rewrite built (from the compile report), the target backend's kernel and
+    the layer's own packed weights, scales and bias; a residual, if fused, is a constant tensor."""
     from tvm import relax
 
-    from dsconv_tvm.kernels import dsconv_primfunc
+    from dsconv_tvm.backends.base import backend_for
+    from dsconv_tvm.driver.compile import with_input_shapes
+    from dsconv_tvm.frontend.onnx import LoadedModel
 
-    rng = np.random.default_rng(0)
-    wshape = layer.weight_shape()
-    wp = rng.integers(0, 256 if layer.packed else 128, wshape).astype("uint8" if layer.packed else "int8")
-    xi = (rng.random((layer.groups, *layer.kernel, layer.out_channels)) * 0.01).astype(layer.scale_dtype)
+    layer = report_layer.layer
+    backend = backend_for(spec.tvm_target())
+    qw = report_layer.quantized
+    params = backend.layer_params(layer, qw.q, qw.xi, report_layer.bias)
     bb = relax.BlockBuilder()
-    gv = bb.add_func(dsconv_primfunc(layer), "dsconv_layer")
+    gv = bb.add_func(backend.primfunc(layer), "dsconv_layer")
     x = relax.Var("x", relax.TensorType(list(layer.in_shape), "float32"))
+    if layer.has_residual:
+        params.append(np.random.default_rng(2).standard_normal(layer.out_shape).astype(np.float32))
     with bb.function("main", [x]):
-        cargs = [x, relax.const(wp), relax.const(xi)]
-        if layer.has_bias:
-            cargs.append(relax.const(np.zeros(layer.out_channels, np.float32)))
+        cargs = [x, *[relax.const(a) for a in params]]
         with bb.dataflow():
             y = bb.emit_output(relax.call_tir(gv, cargs, relax.TensorType(list(layer.out_shape), "float32")))
         bb.emit_func_output(y)
-    from dsconv_tvm.compiler import _with_input_shapes
-    from dsconv_tvm.frontend import LoadedModel
     fake = LoadedModel("layer", None, {"x": list(layer.in_shape)}, {"x": "float32"}, [], [])
-    return _with_input_shapes(bb.get(), fake)
+    return with_input_shapes(bb.get(), fake)
 
 
 def layer_report(model_name: str, variant: str, result, db_dir: str | None, args, peak: dict,
                  work: str) -> list[dict]:
     """Time the ``args.layers`` largest (by MACs) distinct DSConv layers standalone."""
-    from dsconv_tvm.compiler import build
-    from dsconv_tvm.targets import get_target
-    from dsconv_tvm.tuning import find_database
+    from dsconv_tvm.driver.compile import build
+    from dsconv_tvm.target import get_target
+    from dsconv_tvm.driver.database import find_database
 
     spec = get_target(args.target)
-    config = result.config
     seen, rows = set(), []
-    layers = sorted(result.report.converted, key=lambda l: -layer_macs(dsconv_layer_of(l, config)))
+    layers = sorted(result.report.converted, key=lambda l: -l.layer.macs)
     for rl in layers:
-        layer = dsconv_layer_of(rl, config)
+        layer = rl.layer
         if layer in seen:
             continue
         seen.add(layer)
@@ -284,12 +272,12 @@ def layer_report(model_name: str, variant: str, result, db_dir: str | None, args
         database, _ = find_database(spec.name, db_dir)
         tuned: list[str] = []
         so = os.path.join(work, f"{model_name}_{variant}_layer{len(rows)}.so")
-        spec.export_library(build(standalone_layer_module(layer), spec, database, tuned), so)
+        spec.export_library(build(standalone_layer_module(rl, spec), spec, database, tuned), so)
         x = np.random.default_rng(1).random(layer.in_shape).astype(np.float32)
         npy = os.path.join(work, "layer_x.npy")
         np.save(npy, x)
         t, _ = time_variant("tvm", so, npy, args, work, f"layer{len(rows)}")
-        macs = layer_macs(layer)
+        macs = layer.macs
         gops = 2 * macs / (t["median_ms"] * 1e-3) / 1e9
         rows.append({"model": model_name, "variant": variant, "layer": rl.name,
                      "in_shape": list(layer.in_shape), "out_shape": list(layer.out_shape),
@@ -307,10 +295,9 @@ def layer_report(model_name: str, variant: str, result, db_dir: str | None, args
 # one model
 # ------------------------------------------------------------------------------------------------
 def agreement(ref: np.ndarray, out: np.ndarray) -> dict:
-    r2, o2 = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
-    return {"argmax_agree": float(np.mean(np.argmax(r2, 1) == np.argmax(o2, 1))),
-            "rel_l2": float(np.linalg.norm(r2 - o2) / max(np.linalg.norm(r2), 1e-30)),
-            "max_abs_diff": float(np.max(np.abs(r2 - o2)))}
+    from dsconv_tvm.execute.compare import compare_outputs
+
+    return compare_outputs(ref, out).to_dict()
 
 
 def bench_model(name: str, args, peak: dict, work: str) -> tuple[dict, list[dict]]:
@@ -368,7 +355,7 @@ def build_fp32_total(model_path: str) -> int:
     """Bytes of every initializer of the BN-folded model (what the compiler sees)."""
     from onnx import numpy_helper
 
-    from dsconv_tvm.frontend import load_onnx
+    from dsconv_tvm.frontend.onnx import load_onnx
 
     loaded = load_onnx(model_path)
     return int(sum(numpy_helper.to_array(i).nbytes for i in loaded.model.graph.initializer))
@@ -516,14 +503,7 @@ def write_csv(results: dict, path: str) -> None:
     w.writeheader()
     for r in flat_rows(results):
         w.writerow(r)
-    _atomic_text(path, buf.getvalue())
-
-
-def _atomic_text(path: str, text: str) -> None:
-    from dsconv_tvm.outputs import atomic_write
-
-    data = text.encode()
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot(results: dict, path: str) -> bool:
@@ -554,7 +534,7 @@ def plot(results: dict, path: str) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    from dsconv_tvm.outputs import atomic_write
+    from dsconv_tvm.fileio import atomic_write
     atomic_write(path, lambda f: f.write(buf.getvalue()))
     return True
 
@@ -576,9 +556,9 @@ def write_outputs(results: dict, out_dir: str, name: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     results = _without_home(results)
     base = os.path.join(out_dir, name)
-    _atomic_text(base + ".json", json.dumps(results, indent=1, default=float))
+    atomic_write_text(base + ".json", json.dumps(results, indent=1, default=float))
     write_csv(results, base + ".csv")
-    _atomic_text(base + ".md", markdown(results))
+    atomic_write_text(base + ".md", markdown(results))
     written = [base + ".json", base + ".csv", base + ".md"]
     if plot(results, base + ".png"):
         written.append(base + ".png")
@@ -669,7 +649,7 @@ def run(args) -> dict:
     os.sched_setaffinity(0, cores)                      # children inherit: the same cores for all
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from dsconv_tvm.targets import get_target
+    from dsconv_tvm.target import get_target
 
     spec = get_target(args.target)
     clock = bench_peak.measure_clock(len(cores), bench_models.bench_cache())

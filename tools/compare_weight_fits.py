@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsconv_tvm.weights import alpha_grid, fold_batchnorm, quantize_weight  # noqa: E402
+from dsconv_tvm.scheme.weights import alpha_grid, quantize_weight
+from dsconv_tvm.frontend.batchnorm import fold_batchnorm  # noqa: E402
 
 
 def synthetic_sources(seed: int = 0) -> dict[str, list[np.ndarray]]:

@@ -27,8 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dsconv_tvm import cli  # noqa: E402
-from dsconv_tvm.weights import quantize_weight  # noqa: E402
+from dsconv_tvm.cli import main as cli  # noqa: E402
+from dsconv_tvm.scheme.weights import quantize_weight  # noqa: E402
 
 
 def fake_quant_depthwise(model_path: str, out: str, bits: int) -> tuple[int, int]:
@@ -37,7 +37,7 @@ def fake_quant_depthwise(model_path: str, out: str, bits: int) -> tuple[int, int
     import onnx
     from onnx import numpy_helper
 
-    from dsconv_tvm.frontend import load_onnx
+    from dsconv_tvm.frontend.onnx import load_onnx
 
     loaded = load_onnx(model_path)
     m = loaded.model

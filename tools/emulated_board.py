@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsconv_tvm.runtime import cache_lock, cache_root
+from dsconv_tvm.deploy.runtime import cache_lock, cache_root
 
 TVM_VERSION = "0.27.0.post1"
 TVM_FFI_VERSION = "0.1.14.post1"
@@ -265,7 +265,7 @@ def start_board_server(board: Board, tracker: str, key: str, port: int = 9090,
 def wait_registered(tracker: str, key: str, timeout: float = 180.0, proc=None) -> float:
     """Seconds until a server with ``key`` is registered at the tracker (error after ``timeout``
     or when ``proc`` exits)."""
-    from dsconv_tvm.remote import parse_address, tracker_summary
+    from dsconv_tvm.remote.tracker import parse_address, tracker_summary
 
     host, port = parse_address(tracker)
     t0 = time.time()
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
             return 0
         print("note: timings measured on an emulated board are meaningless for speed", flush=True)
         proc = start_board_server(board, args.tracker, args.key, args.port, args.host)
-        from dsconv_tvm.remote import kill_process_tree
+        from dsconv_tvm.remote.processes import kill_process_tree
 
         def _stop(*_a):
             raise KeyboardInterrupt

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dsconv_tvm import cli  # noqa: E402
+from dsconv_tvm.cli import main as cli  # noqa: E402
 from imagenet_models import ensure_model  # noqa: E402
 from photo_set import ensure_photo_set  # noqa: E402
 

@@ -33,7 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from dsconv_tvm.runtime import cache_root  # noqa: E402
+from dsconv_tvm.deploy.runtime import cache_root  # noqa: E402
 
 MODELS = ("mobilenet_v2", "efficientnet_lite0")
 OPSET = 18

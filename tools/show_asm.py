@@ -15,11 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tvm  # noqa: E402
 
-from dsconv_tvm.intrinsics import activation_dtype, isa_of  # noqa: E402
-from dsconv_tvm.kernels import DSConvLayer, dsconv_primfunc  # noqa: E402
-from dsconv_tvm.reference import ConvGeometry  # noqa: E402
-from dsconv_tvm.schedule import schedule_dsconv_cpu  # noqa: E402
-from dsconv_tvm.targets import get_target  # noqa: E402
+from dsconv_tvm.backends.cpu.intrinsics import activation_dtype, isa_of  # noqa: E402
+from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc  # noqa: E402
+from dsconv_tvm.scheme.geometry import ConvGeometry  # noqa: E402
+from dsconv_tvm.backends.cpu.schedule import schedule_dsconv_cpu  # noqa: E402
+from dsconv_tvm.target import get_target  # noqa: E402
 
 PATTERNS = {
     "x86": r"\b(vpmaddwd|vpmaddubsw|vpdpbusd|vpmulld|vpaddd|vpaddw|vpmovsxbd|vpmovzxbd|vpmovsxbw|vpmovzxbw|"

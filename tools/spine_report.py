@@ -29,12 +29,15 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dsconv_tvm import cli  # noqa: E402
-from dsconv_tvm.compiler import build, build_relax  # noqa: E402
-from dsconv_tvm.datasets import load_fashion_mnist  # noqa: E402
-from dsconv_tvm.evaluate import latency_ms, onnx_predict, top1  # noqa: E402
-from dsconv_tvm.frontend import load_onnx  # noqa: E402
-from dsconv_tvm.targets import get_target, host_features  # noqa: E402
+from dsconv_tvm.cli import main as cli  # noqa: E402
+from dsconv_tvm.driver.compile import build, build_relax  # noqa: E402
+from dsconv_tvm.accuracy.datasets import load_fashion_mnist  # noqa: E402
+from dsconv_tvm.execute.runner import latency_ms
+from dsconv_tvm.accuracy.probes import onnx_predict
+from dsconv_tvm.execute.compare import top1  # noqa: E402
+from dsconv_tvm.frontend.onnx import load_onnx  # noqa: E402
+from dsconv_tvm.target import get_target
+from dsconv_tvm.host import host_features  # noqa: E402
 
 
 def _cli(*args) -> None:
@@ -71,7 +74,7 @@ def measure(model: str, work: str, x: np.ndarray, y: np.ndarray, batch: int) -> 
     fp32_so = os.path.join(work, f"{name}_fp32.so")
     spec = get_target("x86")
     spec.export_library(build(build_relax(loaded, None)[0], spec), fp32_so)
-    from dsconv_tvm.evaluate import predict
+    from dsconv_tvm.execute.runner import predict
     row["fp32_tvm_top1"] = top1(predict(fp32_so, x), y)
     # batch-1 latency, both untuned
     lat = {}

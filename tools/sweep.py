@@ -61,7 +61,7 @@ def configs(quick: bool) -> list[dict]:
 def model_and_data(name: str, limit: int):
     """(onnx path, eval data arguments, calibration images for ORT PTQ, eval inputs, labels or None)."""
     if name in FASHION:
-        from dsconv_tvm.datasets import load_fashion_mnist, load_fashion_mnist_images
+        from dsconv_tvm.accuracy.datasets import load_fashion_mnist, load_fashion_mnist_images
 
         x, y = load_fashion_mnist("test")
         calib = load_fashion_mnist_images("train")[:512]
@@ -70,7 +70,7 @@ def model_and_data(name: str, limit: int):
     from imagenet_models import ensure_model
     from photo_set import ensure_photo_set
 
-    from dsconv_tvm.images import load_images
+    from dsconv_tvm.accuracy.images import load_images
 
     model = str(ensure_model(name))
     photos = str(ensure_photo_set("agreement"))
@@ -86,8 +86,8 @@ def ort_int8(model: str, calib: np.ndarray, x: np.ndarray, labels, work: str) ->
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
-    from dsconv_tvm.evaluate import onnx_predict
-    from dsconv_tvm.frontend import load_onnx
+    from dsconv_tvm.accuracy.probes import onnx_predict
+    from dsconv_tvm.frontend.onnx import load_onnx
 
     loaded = load_onnx(model)
     fp32_path = os.path.join(work, "folded.onnx")

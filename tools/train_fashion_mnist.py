@@ -39,7 +39,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from dsconv_tvm.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
+from dsconv_tvm.accuracy.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 SEED = 0

@@ -1,0 +1,223 @@
+"""What every backend's DSConv kernel shares: the numpy slot layout of the weights and scales, the
+TE stages of block-floating-point quantization, the float sum across blocks and taps, the
+epilogue, and the one attribute that marks a DSConv PrimFunc on every backend.
+
+The block-floating-point stages (one PrimFunc does the whole layer, so activations are quantized
+inside the compiled graph from the real input):
+
+1. ``amax``   max |x| over each block of channels, per pixel                      (float32)
+   ``bfp_e``  the block's shared exponent, from the bits of that float (int32, exact)
+2. ``bfp_s``  the block scales 2^(e - f), exact powers of two built from exponent bits,
+   and the mantissa expression each backend stores in its own layout;
+3. (backend) integer dot products over one block at one kernel tap;
+4. ``dsconv_out``  float32 sum over blocks and taps of int * xi * scale  (:func:`block_scaled_sum`)
+5. ``dsconv_epilogue``  + bias, + residual, then the activation (none / relu)  (:func:`epilogue`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..rewrite.layer import ACTIVATIONS, DSConvLayer
+from ..scheme.bfp import E_MAX, E_MIN, fraction_bits, mantissa_range, num_blocks
+
+#: The PrimFunc attribute every backend sets on its DSConv functions (and only there): the test of
+#: "is this a DSConv layer" everywhere (schedules, tuning, reports).
+LAYER_ATTR = "dsconv.layer"
+
+
+def is_dsconv(func) -> bool:
+    """True for a DSConv PrimFunc of any backend (it carries :data:`LAYER_ATTR`)."""
+    from tvm import tirx
+
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and LAYER_ATTR in func.attrs
+
+
+def layer_attr_value(func, key: str, default: str | None = None) -> str | None:
+    """One ``key=value`` item of a DSConv PrimFunc's :data:`LAYER_ATTR` (e.g. ``bits``)."""
+    attr = str(func.attrs[LAYER_ATTR]) if is_dsconv(func) else ""
+    for item in attr.split():
+        if item.startswith(key + "="):
+            return item[len(key) + 1:]
+    return default
+
+
+def get_block(sch, name: str):
+    """The block ``name`` of a TIR schedule, or None when the function has none of that name."""
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# numpy: weights and scales in the slot layout
+# --------------------------------------------------------------------------------------------------
+def slot_weights(q: np.ndarray, bits: int, block: int, step: int) -> np.ndarray:
+    """int (CO, CI, KH, KW) -> (G, KH, KW, Bp, CO) int64 with zero slots beyond the channels; Bp is
+    the block rounded up to a multiple of ``step`` (the channels one packed unit holds)."""
+    co, ci, kh, kw = q.shape
+    g = num_blocks(ci, block)
+    bp = -(-block // step) * step
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if q.min(initial=0) < lo or q.max(initial=0) > hi:
+        raise ValueError(f"weights outside the {bits}-bit range [{lo}, {hi}]")
+    full = np.zeros((co, g * block, kh, kw), np.int64)
+    full[:, :ci] = q
+    slots = np.zeros((g, bp, kh, kw, co), np.int64)
+    slots[:, :block] = full.reshape(co, g, block, kh, kw).transpose(1, 2, 3, 4, 0)
+    return slots.transpose(0, 2, 3, 1, 4)                      # G, KH, KW, Bp, CO
+
+
+def pack_scales(xi: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """KDS scales (CO, G, KH, KW) -> the kernels' (G, KH, KW, CO) layout in ``scale_dtype``."""
+    return np.ascontiguousarray(xi.transpose(1, 2, 3, 0).astype(scale_dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# TE
+# --------------------------------------------------------------------------------------------------
+def pow2(exponent):
+    """2^exponent as an exact float32 built from its bits (exponent an int32 expr in [-126, 127])."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", (exponent + 127) << 23)
+
+
+@dataclass
+class BFPStages:
+    """The block-floating-point stages shared by the backends' DSConv kernels."""
+
+    amax: object        # [N, G, H, W] max |x| over each block of channels, per pixel
+    bfp_e: object       # [N, G, H, W] the block's shared exponent (from the float's bits, exact)
+    bfp_s: object       # [N, G, H+pad, W+pad] block scales 2^(e - f), 0 in the padding
+    mantissa: object    # (n, g, k, y, x) -> float mantissa of channel k of block g at padded (y, x)
+
+
+def bfp_stages(x, layer: DSConvLayer, attrs=None) -> BFPStages:
+    """TE stages quantizing ``x`` [N, C, H, W] to BFP for ``layer`` (exponents per block and
+    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels)."""
+    from tvm import te, tirx
+
+    n, c, h, w = layer.in_shape
+    pt, pl, pb, pr = layer.geom.padding
+    bsz, g = layer.block, layer.groups
+    hp, wpd = h + pt + pb, w + pl + pr
+    f = fraction_bits(layer.mantissa, layer.unsigned)
+    lo, hi = mantissa_range(layer.mantissa, layer.unsigned)
+    zero = tirx.const(0.0, "float32")
+    r = te.reduce_axis((0, bsz), name="r")
+
+    def _abs_in_block(nn, gg, yy, xx):
+        ch = gg * bsz + r
+        v = tirx.abs(x[nn, tirx.min(ch, c - 1), yy, xx])
+        return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
+
+    amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
+                      name="amax", attrs=attrs)
+
+    def _exponent_of_amax(nn, gg, yy, xx):
+        bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
+        e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
+        return tirx.max(tirx.min(e, E_MAX), E_MIN)
+
+    bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name="bfp_e", attrs=attrs)   # once per block and pixel
+
+    def _in_image(yy, xx):
+        return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
+
+    def _clamp(v, size):             # keeps speculated (vectorized) reads inside the image
+        return tirx.max(tirx.min(v, size - 1), 0)
+
+    def _scale(nn, gg, yy, xx):
+        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
+        return tirx.if_then_else(_in_image(yy, xx), pow2(e - f), zero)
+
+    bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s", attrs=attrs)
+
+    def _mantissa(nn, gg, k, yy, xx):
+        ch = gg * bsz + k
+        y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
+        val = x[nn, tirx.min(ch, c - 1), y0, x0] * pow2(f - bfp_e[nn, gg, y0, x0])
+        q = tirx.max(tirx.min(tirx.nearbyint(val), float(hi)), float(lo))
+        return tirx.if_then_else(tirx.all(_in_image(yy, xx), k < bsz, ch < c), q, zero)
+
+    return BFPStages(amax, bfp_e, bfp_s, _mantissa)
+
+
+def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
+    """``dsconv_out[n, co, p, q]``: the float32 sum over blocks g and taps (i, j) of
+    ``float(block_int(n, g, i, j, p, q, co)) * xi[g, i, j, co] * bfp_s[n, g, p*s + i*d, q*s + j*d]``,
+    where ``block_int`` is the backend's exact int32 dot product of the block at that tap."""
+    from tvm import te
+
+    n, co, oh, ow = layer.out_shape
+    kh, kw = layer.kernel
+    sh, sw = layer.geom.strides
+    dh, dw = layer.geom.dilation
+    rg = te.reduce_axis((0, layer.groups), name="rg")
+    ri = te.reduce_axis((0, kh), name="ri")
+    rj = te.reduce_axis((0, kw), name="rj")
+    return te.compute(
+        (n, co, oh, ow),
+        lambda nn, o, p, q: te.sum(
+            block_int(nn, rg, ri, rj, p, q, o).astype("float32") * xi[rg, ri, rj, o].astype("float32")
+            * bfp_s[nn, rg, p * sh + ri * dh, q * sw + rj * dw], axis=[rg, ri, rj]),
+        name="dsconv_out", attrs=attrs)
+
+
+def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
+    """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape), then the
+    activation."""
+    from tvm import te, tirx
+
+    if layer.activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {layer.activation!r}")
+    zero = tirx.const(0.0, "float32")
+
+    def _epilogue(nn, o, p, q):
+        v = out[nn, o, p, q]
+        if bias is not None:
+            v = v + bias[o]
+        if residual is not None:
+            v = v + residual[nn, o, p, q]
+        if layer.activation == "relu":
+            v = tirx.max(v, zero)
+        return v
+
+    return te.compute(layer.out_shape, _epilogue, name="dsconv_epilogue", attrs=attrs)
+
+
+def layer_primfunc(tensors: list, attr: str):
+    """The PrimFunc of a layer's TE ``tensors`` (inputs, then the output), marked as DSConv with the
+    backend's description ``attr`` and opaque to fusion (op_pattern 8 = kOpaque: FuseOps leaves the
+    call alone; the layer's own epilogue does bias / residual / ReLU)."""
+    from tvm import te
+
+    func = te.create_prim_func(tensors).without_attr("global_symbol")
+    return func.with_attr(LAYER_ATTR, attr).with_attr("op_pattern", 8)
+
+
+def import_cpu_tensor_intrinsics() -> None:
+    """Import only TVM's x86/ARM tensor intrinsics, not the whole ``tvm.s_tir.tensor_intrin``
+    package: its ``__init__`` parses ~250 CUDA intrinsics and takes ~25 s, longer than
+    MetaSchedule's build timeout (see it with ``python -X importtime -c "import
+    tvm.s_tir.tensor_intrin"``).  TVM's trace replay imports the package by name; an empty package
+    module registered in ``sys.modules`` with the real ``__path__`` makes that import a no-op while
+    its x86 and arm_cpu submodules load normally.  Also the builder workers' initializer."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        sys.modules[name] = mod
+        for sub in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{sub}")

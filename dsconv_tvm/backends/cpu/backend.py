@@ -1,0 +1,125 @@
+"""The CPU backend object (TVM target kind ``llvm``): x86 (AVX2, AVX-512, VNNI) and ARM (NEON,
+dot product)."""
+
+from __future__ import annotations
+
+import os
+
+from ...host import HOST_FEATURE_NAMES, host_features, mcpu_features
+from ..base import Backend
+from ..common import import_cpu_tensor_intrinsics
+from .layout import layer_params
+
+# The kernel, schedule and intrinsics modules import TVM at their top: they are imported in the
+# methods below, so that reading target files (which asks a backend to check them) does not.
+
+
+class CPUBackend(Backend):
+    kind = "llvm"
+    fuses_residual = True
+
+    # -- targets --------------------------------------------------------------------------------
+    @classmethod
+    def check_target_file(cls, raw: dict) -> str | None:
+        if "cuda" in raw:
+            return "a cuda tvm_target and the 'cuda' key go together"
+        if not raw.get("detect_host", False) and not isinstance(raw["tvm_target"].get("num-cores"), int):
+            return "llvm tvm_target needs an integer 'num-cores'"
+        return None
+
+    @classmethod
+    def resolve_target_dict(cls, spec, d: dict) -> dict:
+        """``detect_host`` targets: ``mcpu`` from LLVM's host CPU name, ``num-cores`` from
+        :func:`os.cpu_count`, ``mattr`` from the detected AVX2 / AVX-512 / VNNI flags."""
+        if not spec.detect_host:
+            return d
+        from tvm.target import codegen
+
+        cpu = str(codegen.llvm_get_system_cpu())
+        d["kind"] = d.get("kind", "llvm")
+        d["mcpu"] = cpu
+        d["num-cores"] = os.cpu_count() or 1
+        host = host_features()
+        implied = mcpu_features(cpu, d.get("mtriple"))
+        mattr = [a for a in d.get("mattr", []) if a.lstrip("+-") not in HOST_FEATURE_NAMES]
+        for feat in HOST_FEATURE_NAMES:
+            if feat not in spec.features:
+                continue
+            if host.get(feat, False):
+                mattr.append("+" + feat)
+            elif implied.get(feat, False):
+                # the CPU model implies it but this CPU (or VM) does not expose it
+                mattr.append("-" + feat)
+        if mattr:
+            d["mattr"] = mattr
+        else:
+            d.pop("mattr", None)
+        return d
+
+    @classmethod
+    def can_run_here(cls, spec) -> bool:
+        if spec.detect_host:
+            return True
+        host = host_features()
+        return all(host.get(f, False) for f in spec.features if f in HOST_FEATURE_NAMES)
+
+    # -- kernels --------------------------------------------------------------------------------
+    @property
+    def act_dtype(self) -> str:
+        from .intrinsics import activation_dtype
+
+        return activation_dtype(self.target)
+
+    def primfunc(self, layer):
+        from .kernels import dsconv_primfunc
+
+        return dsconv_primfunc(layer)
+
+    def layer_params(self, layer, q, xi, bias):
+        return layer_params(layer, q, xi, bias)
+
+    # -- compiling ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from .schedule import register_metaschedule_rule
+
+        register_metaschedule_rule()          # tuned traces name the DSConv intrinsics
+
+    def pipeline_module(self):
+        from tvm.relax.backend.cpu_generic import pipeline
+
+        return pipeline
+
+    def legalize_passes(self) -> list:
+        pipe = self.pipeline_module()
+        return pipe.library_dispatch_passes(self.target) + pipe.legalize_passes(self.target)
+
+    def default_schedule_pass(self):
+        from tvm.s_tir import dlight
+
+        from .rules import FP32ConvCPU, ParallelFallback, PoolCPU
+        from .schedule import DSConvCPU
+
+        return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), PoolCPU(), ParallelFallback())
+
+    # -- tuning ---------------------------------------------------------------------------------
+    def dsconv_tuning_space(self):
+        from .schedule import tuning_space
+
+        return tuning_space()
+
+    def tuning_builder_options(self, spec) -> dict:
+        opts = {"initializer": import_cpu_tensor_intrinsics}
+        if spec.cross_compiler:
+            opts["f_export"] = export_with(spec.cross_compiler)
+        return opts
+
+
+def export_with(cc: str):
+    """MetaSchedule ``f_export``: link a candidate with the cross compiler ``cc``."""
+    def export(mod) -> str:        # runs in the builder worker
+        import os as _os
+        import tempfile as _tempfile
+        path = _os.path.join(_tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        mod.export_library(path, cc=cc)
+        return path
+    return export

@@ -1,0 +1,221 @@
+"""Tensor intrinsics of the DSConv integer dot product, one per instruction set.
+
+Every intrinsic has the same meaning (its *description*), for ``L`` output channels and the 8
+input channels of one packed weight group at one pixel::
+
+    C[o] += sum_k int32(A[k]) * int32(B[k // 4, o, k % 4])      o < L, k < 8
+
+``A`` are 8 mantissas of the pixel (contiguous: the channel-innermost layout of ``bfp_m``), ``B``
+the sign-extended weights of the two 4-channel halves (``[2, L, 4]``: the low and high nibbles of
+``L x 4`` packed bytes, ``kernels.pack_weights``), ``C`` the int32 block accumulators.
+
+==========  ====  ===========================================================  ==============
+isa         L     instructions per call                                        mantissa x w
+==========  ====  ===========================================================  ==============
+avx2        8     2 vpmaddubsw (u8*s8 -> i16 pairs), vpaddw, vpmaddwd (-> i32)  uint8 x int8
+avx512      16    the same on zmm registers (AVX-512BW)                        uint8 x int8
+vnni        16    2 vpdpbusd (u8*s8, 4 products accumulated in i32)            uint8 x int8
+sdot        4     2 sdot (s8*s8, 4 products accumulated in i32), Cortex-A76+   int8 x int8
+neon        4     4 smull (s8*s8 -> i16), add, addp, sadalp (-> i32), A72      int8 x int8
+==========  ====  ===========================================================  ==============
+
+The i16 steps are exact for the weights they are given (``max_bits``): the two vpmaddubsw
+results added in i16 hold 4 products of at most 255 * 32 (6-bit weights), the smull/add/addp
+sums 4 products of at most 128 * 32.  Wider weights use vnni / sdot or the plain vector schedule
+(:func:`select`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+TAP = 4
+
+
+@dataclass(frozen=True)
+class DotIntrin:
+    name: str            # registered TensorIntrin name
+    isa: str             # avx2 | avx512 | vnni | sdot | neon
+    lanes: int           # L: output channels per call
+    act_dtype: str       # mantissa storage it multiplies
+    max_bits: int        # widest weights it is exact for
+
+
+def _desc(lanes: int, act_dtype: str):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sb = T.int32()
+        A = T.match_buffer(a, (2 * TAP,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (2, lanes, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 2 * TAP):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // TAP, vi, vk % TAP])
+
+    return desc
+
+
+def _splat(A, half: int, dtype: str, copies: int):
+    """The 4 activation bytes of one 4-channel half (0 or 1) of ``A``, repeated ``copies`` times as
+    one byte vector (one 32-bit broadcast): the operand facing ``copies`` output channels."""
+    word = T.reinterpret(A.vload([half * TAP], f"{dtype}x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(word, copies), dtype=f"{dtype}x{copies * TAP}")
+
+
+def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
+    """u8 x s8: vpmaddubsw per 4-channel half to pairs of i16, the halves added in i16, then
+    vpmaddwd against ones to i32 and added to C."""
+    nbytes = lanes * TAP
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sb = T.int32()
+        A = T.match_buffer(a, (2 * TAP,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (2, lanes, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
+            T.writes(C[0:lanes])
+            lo = _splat(A, 0, "uint8", lanes)
+            hi = _splat(A, 1, "uint8", lanes)
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), lo,
+                                            B.vload([0, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}") \
+                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), hi,
+                                          B.vload([1, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), 2 * lanes),
+                dtype=f"int32x{lanes}")
+
+    return impl
+
+
+def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first: bool):
+    """Instructions that multiply 4 bytes and accumulate into i32 lanes themselves (vpdpbusd,
+    sdot): one call per 4-channel half.  LLVM 22 declares both with byte-vector operands (TVM
+    0.27's own VNNI intrinsic passes i32 vectors and fails LLVM verification, hence these)."""
+    nbytes = lanes * TAP
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sb = T.int32()
+        A = T.match_buffer(a, (2 * TAP,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (2, lanes, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
+            T.writes(C[0:lanes])
+            lo = _splat(A, 0, act_dtype, lanes)
+            hi = _splat(A, 1, act_dtype, lanes)
+            w_lo = B.vload([0, 0, 0], f"int8x{nbytes}")
+            w_hi = B.vload([1, 0, 0], f"int8x{nbytes}")
+            first = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], f"int32x{lanes}"),
+                                            w_lo if weights_first else lo, lo if weights_first else w_lo,
+                                            dtype=f"int32x{lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), first, w_hi if weights_first else hi,
+                hi if weights_first else w_hi, dtype=f"int32x{lanes}")
+
+    return impl
+
+
+_SMULL = "llvm.aarch64.neon.smull.v8i16"
+
+
+@T.prim_func(s_tir=True)
+def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    # Cortex-A72 has no sdot: widen-multiply two output channels per smull (8 x i16), add the two
+    # 4-channel halves in i16, add neighbouring pairs (addp), then add pairs into i32 (sadalp).
+    sb = T.int32()
+    A = T.match_buffer(a, (2 * TAP,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (2, 4, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:2 * TAP], B[0:2, 0:4, 0:TAP])
+        T.writes(C[0:4])
+        lo = _splat(A, 0, "int8", 2)
+        hi = _splat(A, 1, "int8", 2)
+        p01 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([0, 0, 0], "int8x8"), lo,
+                                      dtype="int16x8") \
+            + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([1, 0, 0], "int8x8"), hi,
+                                      dtype="int16x8")
+        p23 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([0, 2, 0], "int8x8"), lo,
+                                      dtype="int16x8") \
+            + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([1, 2, 0], "int8x8"), hi,
+                                      dtype="int16x8")
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
+                                        p01, p23, dtype="int16x8")
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
+
+
+_INTRINS: dict[str, DotIntrin] = {}
+
+
+def _register(isa: str, lanes: int, act_dtype: str, max_bits: int, impl) -> None:
+    name = f"dsconv_dot_{lanes}x{2 * TAP}_{isa}"
+    try:
+        TensorIntrin.get(name)
+    except Exception:  # noqa: BLE001  (not registered yet in this process)
+        TensorIntrin.register(name, _desc(lanes, act_dtype), impl)
+    _INTRINS[isa] = DotIntrin(name, isa, lanes, act_dtype, max_bits)
+
+
+def register() -> None:
+    """Register every DSConv dot-product intrinsic (idempotent; trace replay needs them)."""
+    if _INTRINS:
+        return
+    _register("avx2", 8, "uint8", 6, _x86_pmadd(8, "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))
+    _register("avx512", 16, "uint8", 6,
+              _x86_pmadd(16, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
+    _register("vnni", 16, "uint8", 8, _accumulating_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512", False))
+    _register("sdot", 4, "int8", 8, _accumulating_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True))
+    _register("neon", 4, "int8", 6, _neon_impl)
+
+
+def isa_of(target) -> str | None:
+    """The best dot-product instruction set of an llvm target (None: plain vector code)."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "")) or str(codegen.llvm_get_system_triple())
+    has = lambda feats: bool(codegen.target_has_features(feats, target))  # noqa: E731
+    try:
+        if triple.startswith("aarch64"):
+            return "sdot" if has("dotprod") else "neon"
+        if triple.startswith(("arm", "thumb")):
+            return None
+        if has("avx512vnni"):
+            return "vnni"
+        if has("avx512bw"):
+            return "avx512"
+        if has("avx2"):
+            return "avx2"
+    except Exception:  # noqa: BLE001  (a target LLVM cannot describe: no intrinsic)
+        return None
+    return None
+
+
+def activation_dtype(target) -> str:
+    """How a target's DSConv layers store their mantissas (what its dot product multiplies)."""
+    isa = isa_of(target)
+    return "int8" if isa in ("sdot", "neon") else "uint8"
+
+
+def select(target, bits: int, act_dtype: str) -> DotIntrin | None:
+    """The intrinsic for a layer on ``target``, or None when the plain vector schedule is used."""
+    isa = isa_of(target)
+    if isa is None:
+        return None
+    register()
+    intrin = _INTRINS[isa]
+    if bits > intrin.max_bits or act_dtype != intrin.act_dtype:
+        return None
+    return intrin

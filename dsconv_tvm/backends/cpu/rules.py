@@ -1,0 +1,187 @@
+"""Default CPU schedules of what a DSConv model keeps in fp32: the convs DSConv does not convert
+(first layer, depthwise, grouped), 2-D pooling, and a parallel fallback for every other PrimFunc."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+from ..common import get_block, is_dsconv
+from .schedule import largest_divisor, vector_lanes
+
+
+def _conv_block(sch: s_tir.Schedule, func: tirx.PrimFunc):
+    """The conv reduction block of a legalized fp32 conv2d PrimFunc (TOPI's conv2d_nchw,
+    depthwise_conv2d_nchw, group_conv2d_nchw with a fused elementwise epilogue), or None."""
+    convs = []
+    for blk in _all_blocks(sch):
+        b = sch.get(blk)
+        kinds = _iter_kinds(b)
+        if kinds in ("SSSSRRR", "SSSSRR") and "conv2d" in b.name_hint and b.writes[0].source.dtype == "float32":
+            convs.append(blk)
+    return convs[0] if len(convs) == 1 else None
+
+
+def _all_blocks(sch: s_tir.Schedule):
+    root = sch.get_sblock("root") if get_block(sch, "root") is not None else None
+    return sch.get_child_blocks(root) if root is not None else []
+
+
+def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """Default schedule of the fp32 convs DSConv keeps (first layer, depthwise): a register tile of
+    ``FT`` output channels x ``XT`` output pixels of a row (vectorized along the row), the
+    reduction over input channels and taps outside it, rows in parallel, the padded input rows a
+    row needs made per row, bias/ReLU applied to the tile.  Returns None if ``func`` is not one."""
+    sch = s_tir.Schedule(func)
+    conv = _conv_block(sch, func)
+    if conv is None:
+        return None
+    loops = sch.get_loops(conv)
+    if len(loops) not in (6, 7):
+        return None
+    n_, f_, y_, x_ = loops[:4]
+    reds = loops[4:]
+    co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    lanes = 16 if vector_lanes(target) == 16 else 8
+    xt = largest_divisor(ow, [2 * lanes, lanes, 14, 7, 12, 6, 4]) if ow > 2 * lanes else ow
+    ft = largest_divisor(co, [4, 2]) if xt >= lanes else largest_divisor(co, [8, 4, 2])
+    # elementwise consumers (bias, ReLU, ...): inline into the last one, applied per tile
+    consumers = sch.get_consumers(conv)
+    while len(consumers) == 1:
+        nxt = sch.get_consumers(consumers[0])
+        if len(nxt) != 1:
+            break
+        try:
+            sch.compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001  (not an injective elementwise op: leave it)
+            break
+        consumers = nxt
+    fo, fi = sch.split(f_, [None, ft])
+    xo, xi = sch.split(x_, [None, xt])
+    sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
+    outer = sch.fuse(n_, fo, y_)
+    sch.parallel(outer)
+    cw = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+    for c in consumers:
+        if c is not None and _get_block_rv_alive(sch, c):
+            try:
+                sch.reverse_compute_at(c, xo, preserve_unit_loops=True)
+                sch.vectorize(sch.get_loops(c)[-1])
+            except Exception:  # noqa: BLE001
+                pass
+    sch.vectorize(sch.get_loops(cw)[-1])
+    pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
+    if pad is not None:
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    sch.unroll(fi)
+    sch.vectorize(xi)
+    sch.decompose_reduction(conv, reds[0])
+    return sch
+
+
+def _get_block_rv_alive(sch: s_tir.Schedule, blk) -> bool:
+    try:
+        sch.get(blk)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class _FunctionRuleCPU(dlight.ScheduleRule):
+    """A default schedule rule for CPUs made of one ``schedule(func, target)`` function that returns
+    a schedule, or None for PrimFuncs it does not handle (those go on to the next rule)."""
+
+    schedule = None
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, _tunable):
+        if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc) or is_dsconv(func):
+            return None
+        try:
+            return self.schedule(func, target)
+        except Exception:  # noqa: BLE001  (a function this rule cannot handle: the next rule takes it)
+            return None
+
+
+class FP32ConvCPU(_FunctionRuleCPU):
+    """Default schedule of the fp32 convs a DSConv model keeps (see :func:`schedule_fp32_conv`)."""
+
+    schedule = staticmethod(schedule_fp32_conv)
+
+
+def schedule_pool(func: tirx.PrimFunc, _target: Target) -> s_tir.Schedule | None:
+    """Default schedule of a 2-D pooling PrimFunc (TOPI's pool2d, NCHW): the padding computed inline
+    (no padded copy of the input), output rows in parallel, the window unrolled so each output is
+    reduced in a register.  Returns None if ``func`` is not one."""
+    sch = s_tir.Schedule(func)
+    pools = [blk for blk in _all_blocks(sch)
+             if _iter_kinds(sch.get(blk)) == "SSSSRR" and sch.get(blk).name_hint.startswith("pool_")]
+    if len(pools) != 1:
+        return None
+    pool = pools[0]
+    pad = get_block(sch, "pad_temp")
+    if pad is not None:
+        sch.compute_inline(pad)
+    n_, c_, y_, _x, r0, r1 = sch.get_loops(pool)
+    sch.parallel(sch.fuse(n_, c_, y_))
+    sch.unroll(r0)
+    sch.unroll(r1)
+    for other in _all_blocks(sch):          # e.g. the division of an average pool: rows in parallel
+        if not sch.get(other).same_as(sch.get(pool)):
+            loops = sch.get_loops(other)
+            if len(loops) == 4 and _iter_kinds(sch.get(other)) == "SSSS":
+                sch.parallel(sch.fuse(*loops[:3]))
+    return sch
+
+
+def _iter_kinds(block) -> str:
+    return "".join("S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
+                   for iv in block.iter_vars)
+
+
+class PoolCPU(_FunctionRuleCPU):
+    """Default schedule of 2-D pooling (see :func:`schedule_pool`)."""
+
+    schedule = staticmethod(schedule_pool)
+
+
+class ParallelFallback(_FunctionRuleCPU):
+    """Every other PrimFunc on a CPU (dense, softmax, elementwise ops, convs the fp32 rule does not
+    take): run its outer spatial loops on all cores, and vectorize the innermost loop of purely
+    elementwise loop nests.  Not fast, just not single-threaded scalar code."""
+
+    def apply(self, func, target, _tunable):
+        if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            infos = dlight.normalize_prim_func(sch)
+            if not infos:
+                return None
+            for info in infos:
+                loops = sch.get_loops(info.block_rv)
+                kinds = [it.kind for it in info.iters]
+                if len(loops) != len(kinds):
+                    continue
+                lead = []
+                for loop, kind in zip(loops, kinds):
+                    if kind != "S":
+                        break
+                    lead.append(loop)
+                if not lead:
+                    continue
+                if len(lead) == len(loops) and len(lead) > 1:        # elementwise: vectorize inner
+                    extent = sch.get(lead[-1]).extent
+                    if isinstance(extent, tirx.IntImm) and 2 <= int(extent) <= 64:
+                        sch.vectorize(lead[-1])
+                        lead = lead[:-1]
+                if lead:
+                    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+            return sch
+        except Exception:  # noqa: BLE001  (a function this simple rule cannot handle stays as it is)
+            return None

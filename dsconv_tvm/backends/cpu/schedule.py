@@ -1,0 +1,231 @@
+"""Default (untuned) schedules of the DSConv PrimFuncs, as dlight schedule rules dispatched by target.
+
+``DSConvCPU`` handles x86 and ARM (any ``llvm`` target).  The loop nest it builds:
+
+* the BFP quantization stages run first, parallel over (image, block, row), vectorized along rows;
+* the convolution is tiled into ``VL`` output channels x ``QT`` output pixels per register tile.
+  For each block g and kernel tap (i, j) an int32 tile ``acc[QT, VL]`` accumulates
+  ``w[c, o] * m[c, pixel]`` over the block's channels (vector integer multiply-adds across the VL
+  output channels, 4-bit weights unpacked from bytes with vector shifts), then the float tile
+  ``out[QT, VL] += acc * xi[g, i, j, o] * scale[g, pixel]``;
+* the bias/activation epilogue writes the tile back (vectorized along the pixel row);
+* rows of output tiles are distributed over the CPU cores.
+
+Tuned schedules (MetaSchedule, :mod:`dsconv_tvm.driver.tune`) take precedence where a database
+has them; the search space of a DSConv task is this same template with its register tile sampled
+(:func:`register_metaschedule_rule`).  The fp32 convs, pooling and everything else have the
+rules of :mod:`.rules`.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+from ..common import get_block, is_dsconv, layer_attr_value
+from . import intrinsics
+from .layout import TAP
+
+
+def largest_divisor(n: int, candidates) -> int:
+    for c in candidates:
+        if n % c == 0:
+            return c
+    return 1
+
+
+def vector_lanes(target: Target) -> int:
+    """Output channels per register tile of the plain vector schedule: one 256-bit vector of int32
+    on AVX2, 512 on AVX-512, two 128-bit NEON vectors on ARM."""
+    keys = set(target.keys)
+    mattr = [str(a) for a in target.attrs.get("mattr", [])]
+    mcpu = str(target.attrs.get("mcpu", ""))
+    if "arm_cpu" in keys or "aarch64" in str(target.attrs.get("mtriple", "")):
+        return 8
+    if any(a.startswith("+avx512") for a in mattr) or mcpu in ("skylake-avx512", "cascadelake", "icelake-server",
+                                                     "sapphirerapids", "znver4", "znver5"):
+        return 16
+    return 8
+
+
+def layer_bits(func: tirx.PrimFunc) -> int:
+    """The weight bit width of a DSConv PrimFunc (from its DSConv attribute)."""
+    return int(layer_attr_value(func, "bits", "8"))
+
+
+def dot_intrin(func: tirx.PrimFunc, target: Target):
+    """The tensor intrinsic the schedule uses for this DSConv PrimFunc on ``target`` (or None)."""
+    sch = s_tir.Schedule(func)
+    act = str(sch.get(sch.get_sblock("bfp_m")).writes[0].source.dtype)
+    return intrinsics.select(target, layer_bits(func), act)
+
+
+def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
+    """(output channels, output pixels) register tiles worth trying, best guess first."""
+    sch = s_tir.Schedule(func)
+    _, o_, _, q_, *_ = sch.get_loops(sch.get_sblock("dsconv_out"))
+    co, ow = int(sch.get(o_).extent), int(sch.get(q_).extent)
+    intrin = dot_intrin(func, target)
+    if intrin is not None and co % intrin.lanes == 0:
+        lanes = intrin.lanes
+        # one vector of output channels per tile measured fastest (2 and 4 vectors spill)
+        vls = [v for v in (lanes, 2 * lanes) if co % v == 0]
+    else:
+        lanes = vector_lanes(target)
+        vls = [largest_divisor(co, [2 * lanes, lanes, lanes // 2, 4, 2])]
+    qts = [q for q in (4, 2, 7, 3, 6, 8) if ow % q == 0 and q <= ow] or [1]
+    if ow <= 8 and ow not in qts:
+        qts.insert(0, ow)
+    return [(v, q) for q in qts[:3] for v in vls[:2]]
+
+
+def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, int] | None = None,
+                        sch: s_tir.Schedule | None = None, sample: bool = False) -> s_tir.Schedule:
+    """Schedule one DSConv PrimFunc for a CPU; ``tile`` = (output channels, pixels) per register
+    tile (default: the first of :func:`tile_options`).  Tensorized with :mod:`.intrinsics` where
+    the target has a dot-product instruction and the channels fit its lanes.
+
+    ``sample=True`` (the MetaSchedule search space): the tile is not fixed but drawn by the
+    schedule itself (output channels from the candidates of :func:`tile_options`, pixels as a
+    perfect tile of the row), so the tuner can sample and mutate it."""
+    options = tile_options(func, target)
+    vl, qt = tile or options[0]
+    intrin = dot_intrin(func, target)
+    vls = sorted({v for v, _ in options})
+    if intrin is not None and any(v % intrin.lanes for v in ([vl] if not sample else vls)):
+        intrin = None
+    sch = sch or s_tir.Schedule(func)
+    out_blk = sch.get_sblock("dsconv_out")
+    acc_blk = sch.get_sblock("dsconv_acc")
+    epi_blk = sch.get_sblock("dsconv_epilogue")
+    n_, o_, p_, q_, rg, ri, rj = sch.get_loops(out_blk)
+    if sample:
+        vl_rv = sch.sample_categorical(vls, [1.0 / len(vls)] * len(vls))
+        oo, oi = sch.split(o_, [None, vl_rv])
+        qo, qi = sch.split(q_, sch.sample_perfect_tile(q_, n=2, max_innermost_factor=8))
+    else:
+        oo, oi = sch.split(o_, [None, vl])
+        qo, qi = sch.split(q_, [None, qt])
+    sch.reorder(n_, oo, p_, qo, rg, ri, rj, qi, oi)
+    sch.parallel(sch.fuse(n_, oo, p_))
+
+    # int32 block dot products: one [qt, vl] tile per (block, tap), kept in registers
+    sch.compute_at(acc_blk, rj, preserve_unit_loops=True)
+    a_q, a_o, a_k = sch.get_loops(acc_blk)[-3:]
+    # 8 channels per step: two groups of 4 (the low and high nibbles of one packed byte)
+    if intrin is not None:
+        kb, k8 = sch.split(a_k, [None, 2 * TAP])
+        a_oa, a_ob = sch.split(a_o, [None, intrin.lanes])
+        sch.reorder(kb, a_q, a_oa, a_ob, k8)
+    else:
+        kb, kh, kt = sch.split(a_k, [None, 2, TAP])
+        sch.reorder(kb, kh, kt, a_q, a_o)
+        sch.vectorize(a_o)
+        sch.unroll(kh)
+        sch.unroll(kt)
+    sch.unroll(a_q)
+    unpack = get_block(sch, "w_unpack")
+    if unpack is not None:               # sign-extend the 8 channels' weights for the whole tile
+        sch.compute_at(unpack, kb, preserve_unit_loops=True)
+        u_loops = sch.get_loops(unpack)
+        sch.unroll(u_loops[-3])
+        sch.vectorize(sch.fuse(*u_loops[-2:]))
+
+    # float accumulation across blocks and taps
+    sch.vectorize(oi)
+    sch.unroll(qi)
+    sch.set_scope(out_blk, 0, "local")
+    sch.reverse_compute_at(epi_blk, qo, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(epi_blk)[-1])
+    init = sch.decompose_reduction(acc_blk, kb)
+    if not sample:                       # (its loop count varies with the sampled tile)
+        sch.vectorize(sch.get_loops(init)[-1])
+    sch.decompose_reduction(out_blk, rg)
+    if intrin is not None:
+        sch.unroll(a_oa)
+        sch.tensorize(a_ob, intrin.name)
+    # registers / stack: the int tile, the unpacked weights of one group (after tensorize: the
+    # intrinsics describe plain buffers)
+    sch.set_scope(init, 0, "local")
+    if unpack is not None:
+        sch.set_scope(unpack, 0, "local")
+
+    # activation quantization: parallel over (image, block, row); vectorized along rows
+    amax = sch.get_sblock("amax")
+    n1, g1, y1, x1, r1 = sch.get_loops(amax)
+    sch.reorder(n1, g1, y1, r1, x1)
+    sch.parallel(sch.fuse(n1, g1, y1))
+    sch.decompose_reduction(amax, r1)
+    for name in ("bfp_e", "bfp_s", "bfp_m"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(sch.fuse(*loops[:3]))
+        sch.vectorize(loops[-1])
+    msum = get_block(sch, "bfp_sum")
+    if msum is not None:                 # per pixel: the sum over the block's mantissas
+        loops = sch.get_loops(msum)
+        sch.parallel(sch.fuse(*loops[:3]))
+        sch.decompose_reduction(msum, loops[-1])
+    return sch
+
+
+METASCHEDULE_RULE = "dsconv"        # block annotation "schedule_rule" of the DSConv PrimFuncs
+
+
+def _metaschedule_dsconv(sch: s_tir.Schedule, _block) -> list[s_tir.Schedule]:
+    """MetaSchedule custom rule (``s_tir.meta_schedule.cpu.dsconv``): the DSConv template with
+    its register tile sampled; every other block of the function is annotated "None"."""
+    target = Target.current(allow_none=True) or Target({"kind": "llvm"})
+    func = sch.mod["main"]
+    schedule_dsconv_cpu(func, target, sch=sch, sample=True)
+    return [sch]
+
+
+def register_metaschedule_rule() -> None:
+    """Make the DSConv search space known to MetaSchedule (and its intrinsics to trace replay)."""
+    import tvm
+
+    intrinsics.register()
+    name = f"s_tir.meta_schedule.cpu.{METASCHEDULE_RULE}"
+    if tvm.get_global_func(name, allow_missing=True) is None:
+        tvm.register_global_func(name, _metaschedule_dsconv)
+
+
+class DSConvCPU(dlight.ScheduleRule):
+    """Default schedule of DSConv PrimFuncs on llvm (x86, ARM) targets."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, _tunable):
+        if not self.is_target_available(target) or not is_dsconv(func):
+            return None
+        return schedule_dsconv_cpu(func, target)
+
+
+def _template_space():
+    """The search space of a DSConv task: the tensorized template of this module (custom rule
+    on the dsconv_out block, every other block annotated "None"), its register tile sampled and
+    mutated.  TVM's generic post-processors expect its own annotations, not finished loops."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules=[ms.schedule_rule.ApplyCustomRule()],
+        postprocs=[ms.postproc.DisallowDynamicLoop()],
+        mutator_probs={ms.mutator.MutateTileSize(): 1.0})
+
+
+def _template_search():
+    """Evolutionary search sized for the DSConv space (a few dozen distinct register tiles, each
+    sample a full tensorized schedule): MetaSchedule's defaults (512 samples, 50 unmeasured per
+    round) spent ~7 min per ResNet-50 sized model just sampling."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=48, init_measured_ratio=0.2,
+                                                 init_min_unmeasured=8, genetic_num_iters=2,
+                                                 genetic_max_fail_count=4)
+
+
+def tuning_space():
+    """(space generator, search strategy) of DSConv tasks for MetaSchedule."""
+    return _template_space(), _template_search()

@@ -1,0 +1,340 @@
+"""The Relax pass that rewrites conv2d into DSConv: ``DSConvRewrite(config)``.
+
+It is an ordinary ``tvm.transform.Pass`` (a module pass) and can sit in any Relax pipeline after
+the model is imported and constants are folded.  For every ``R.nn.conv2d`` with a constant weight
+(NCHW / OIHW, groups = 1, static shapes, float32) it
+
+* quantizes the weight (VQK + KDS, :mod:`dsconv_tvm.scheme.weights`) and packs it in the target
+  backend's layout (two 4-bit values a byte),
+* absorbs a following per-channel bias ``add`` and a ``relu`` when the conv output has no other user,
+* absorbs a residual ``add`` too where the backend's kernels fuse it,
+* emits one ``R.call_tir`` to the backend's DSConv PrimFunc (:mod:`dsconv_tvm.backends`) that quantizes the input
+  to block floating point at run time, does the int32 block dot products and the float scaling.
+
+Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
+The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
+ReLU, possibly through pooling/reshapes) and ``config.unsigned_after_relu`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..backends.base import Backend, backend_for
+from ..config import DSConvConfig
+from ..scheme.geometry import ConvGeometry
+from ..scheme.metrics import sqnr_db
+from ..scheme.weights import quantize_weight
+from .layer import DSConvLayer
+from .report import ConversionReport, LayerReport
+
+_NONNEG_PASSTHROUGH = {
+    "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean",
+    "relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+    "relax.nn.pad", "relax.strided_slice",
+}
+
+
+def _const_value(expr, bindings) -> np.ndarray | None:
+    seen = 0
+    while isinstance(expr, relax.Var) and expr in bindings and seen < 8:
+        expr, seen = bindings[expr], seen + 1
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_call(expr, op_name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name
+
+
+def _nonneg_vars(bindings: dict) -> set:
+    """Vars whose values are provably >= 0 (ReLU outputs and what only moves/pools them)."""
+    nonneg = set()
+    for var, value in bindings.items():
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            continue
+        name = value.op.name
+        args = list(value.args)
+        if name == "relax.nn.relu":
+            nonneg.add(var)
+        elif name == "relax.clip":
+            lo = _const_value(args[1], bindings) if len(args) > 1 else None
+            if lo is not None and float(np.min(lo)) >= 0:
+                nonneg.add(var)
+        elif name in _NONNEG_PASSTHROUGH and args and args[0] in nonneg:
+            nonneg.add(var)
+        elif name in ("relax.add", "relax.maximum", "relax.multiply") and all(
+                a in nonneg or (_const_value(a, bindings) is not None
+                                and float(np.min(_const_value(a, bindings))) >= 0) for a in args):
+            nonneg.add(var)
+        elif name == "relax.concat" and isinstance(args[0], relax.Tuple) and all(
+                f in nonneg for f in args[0].fields):
+            nonneg.add(var)
+    return nonneg
+
+
+def _padding4(pad) -> tuple[int, int, int, int]:
+    p = [int(v) for v in pad]
+    if len(p) == 1:
+        p = p * 4
+    elif len(p) == 2:
+        p = [p[0], p[1], p[0], p[1]]
+    return p[0], p[1], p[2], p[3]
+
+
+@tvm.transform.module_pass(opt_level=0, name="DSConvRewrite")
+class DSConvRewrite:
+    """Rewrite every eligible constant-weight conv2d of every Relax function into DSConv.
+
+    ``layer_names`` optionally names the conv2d calls in binding order (the ONNX frontend passes
+    the ONNX node names); otherwise they are called ``conv0``, ``conv1``, ...  ``backend`` (from
+    :func:`dsconv_tvm.backends.base.backend_for`) makes the layers' kernels.  After the pass has
+    run, ``self.report`` is a :class:`ConversionReport`.
+    """
+
+    def __init__(self, config: DSConvConfig | None = None, layer_names: list[str] | None = None,
+                 backend: Backend | None = None):
+        self.config = config or DSConvConfig()
+        # the kernels (PrimFunc, weight layout, mantissa storage) of the target; default: the CPU
+        # kernels of a generic x86 target
+        self.backend = backend if backend is not None else backend_for(tvm.target.Target("llvm"))
+        self.layer_names = list(layer_names) if layer_names else None
+        self.report = ConversionReport()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.report = ConversionReport()
+        bb = relax.BlockBuilder(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                bb.update_func(gv, self._rewrite_function(bb, func))
+        return bb.get()
+
+    # -- analysis ---------------------------------------------------------------------------
+    def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+        bindings, uses, users, order = {}, {}, {}, []
+
+        def counter(user):
+            def count(expr):
+                if isinstance(expr, relax.Var):
+                    uses[expr] = uses.get(expr, 0) + 1
+                    if user is not None:
+                        users.setdefault(expr, []).append(user)
+            return count
+
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if isinstance(binding, relax.VarBinding):
+                    bindings[binding.var] = binding.value
+                    order.append(binding.var)
+                    relax.analysis.post_order_visit(binding.value, counter(binding.var))
+        relax.analysis.post_order_visit(func.body.body, counter(None))
+        nonneg = _nonneg_vars(bindings)
+
+        plans = {}            # final var of a chain -> new expression
+        dropped = set()       # intermediate vars absorbed into a chain
+        conv_index = 0
+        claimed = {"vars": set(), "keep": set()}   # vars taken by chains; residual inputs
+        dense_index = 0
+        for var in order:
+            value = bindings[var]
+            dense = self.config.dense == "dsconv" and _is_call(value, "relax.matmul")
+            if dense:
+                name, first = f"dense{dense_index}", False
+                dense_index += 1
+            elif _is_call(value, "relax.nn.conv2d"):
+                name = (self.layer_names[conv_index] if self.layer_names and conv_index < len(self.layer_names)
+                        else f"conv{conv_index}")
+                first = conv_index == 0
+                conv_index += 1
+            else:
+                continue
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first, claimed, dense)
+            if plan is None:
+                continue
+            end_var, new_expr, absorbed, residual = plan
+            plans[end_var] = new_expr
+            dropped.update(absorbed)
+            claimed["vars"].update([*absorbed, end_var])
+            if residual is not None:            # must stay bound: no later chain may absorb it
+                claimed["keep"].add(residual)
+
+        if not plans:
+            return func
+        mutator = _Replace(plans, dropped)
+        return mutator.visit_expr(func)
+
+    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first, claimed, dense=False):
+        """Plan one conv2d (or, ``dense``, one matmul ``x[N, K] @ W[K, OUT]`` run as a 1x1 conv on
+        ``x`` reshaped to ``[N, K, 1, 1]``) and the ops it absorbs."""
+        cfg = self.config
+        attrs = call.attrs
+        data, weight = call.args[0], call.args[1]
+        w = _const_value(weight, bindings)
+        in_shape = _static_shape(data)
+        if dense:
+            if w is None or w.ndim != 2 or in_shape is None or len(in_shape) != 2 or in_shape[1] != w.shape[0]:
+                return None                 # not a plain fully connected layer: left as it is
+            w = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
+            in_shape = (in_shape[0], in_shape[1], 1, 1)
+        wshape = tuple(w.shape) if w is not None else tuple(_static_shape(weight) or ())
+
+        def keep(reason):
+            self.report.layers.append(LayerReport(name, False, reason, wshape, in_shape or (),
+                                                  fp32_bytes=4 * int(np.prod(wshape or (0,))),
+                                                  deployed_bytes=4 * int(np.prod(wshape or (0,)))))
+            return None
+
+        groups = 1 if dense else int(attrs.groups)
+        if name in cfg.skip:
+            return keep("skipped by --skip")
+        if w is None:
+            return keep("weight is not a constant")
+        if not dense and (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or \
+                not dense and (attrs.out_layout and attrs.out_layout != "NCHW"):
+            return keep(f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)")
+        if in_shape is None or len(in_shape) != 4:
+            return keep("input shape is not static 4-D")
+        if groups != 1:
+            if groups == in_shape[1]:
+                return keep(f"depthwise conv (groups={groups}); policy depthwise={cfg.depthwise}")
+            return keep(f"grouped conv (groups={groups}) is kept in float")
+        if str(data.ty.dtype) != "float32" or w.dtype != np.float32:
+            return keep(f"dtype {data.ty.dtype} (only float32)")
+        if first and cfg.first_layer == "keep":
+            return keep("first layer (input image); policy first_layer=keep")
+
+        # absorb bias add and relu when this conv feeds only them
+        end, absorbed, fused = var, [], []
+        bias = None
+        co = int(w.shape[0])
+
+        def next_op(v):          # the op the chain may absorb after v (None: the chain ends at v)
+            n = _single_user(v, uses, users)
+            if n is None or n in claimed["vars"] or v in claimed["keep"]:
+                return None
+            return n
+
+        nxt = next_op(end)
+        if nxt is not None and _is_call(bindings[nxt], "relax.add"):
+            a, b = bindings[nxt].args
+            other = b if a.same_as(end) else a
+            bval = _const_value(other, bindings)
+            if bval is not None and bval.size == co and bval.ndim >= 1 and \
+                    _static_shape(nxt) == _static_shape(end) and \
+                    (bval.ndim == 1 or bval.shape[-2:] == (1, 1) or dense) and bval.ndim <= 4:
+                bias = bval.reshape(co).astype(np.float32)
+                absorbed.append(end)
+                end = nxt
+                fused.append("bias")
+                nxt = next_op(end)
+        # a residual add (another tensor of the output's shape, computed before this conv's user)
+        residual = None
+        if nxt is not None and self.backend.fuses_residual and not dense and _is_call(bindings[nxt], "relax.add"):
+            a, b = bindings[nxt].args
+            other = b if a.same_as(end) else a
+            if isinstance(other, relax.Var) and not other.same_as(end) and \
+                    _const_value(other, bindings) is None and \
+                    _static_shape(other) == _static_shape(end) == _static_shape(nxt) and \
+                    str(other.ty.dtype) == "float32":
+                residual = other
+                absorbed.append(end)
+                end = nxt
+                fused.append("residual")
+                nxt = next_op(end)
+        activation = "none"
+        if nxt is not None and _is_call(bindings[nxt], "relax.nn.relu"):
+            absorbed.append(end)
+            end = nxt
+            activation = "relu"
+            fused.append("relu")
+
+        if dense:
+            geom = ConvGeometry()
+        else:
+            strides = tuple(int(s) for s in attrs.strides)
+            dilation = tuple(int(d) for d in attrs.dilation)
+            geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
+        unsigned = cfg.unsigned_after_relu and data in nonneg
+        # a block wider than the layer's input is one block of all its channels: the same scales,
+        # mantissas and exponents as block = C, without packing and multiplying empty slots
+        block = min(cfg.block, int(in_shape[1]))
+        qw = quantize_weight(w, cfg.bits, block, cfg.fit, cfg.scale_dtype)
+        layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
+                            cfg.bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
+                            bias is not None, activation, self.backend.act_dtype, residual is not None)
+        params = self.backend.layer_params(layer, qw.q, qw.xi, bias)
+        wp, xi = params[:2]
+        gv = bb.add_func(self.backend.primfunc(layer), f"dsconv_{_ident(name)}")
+        consts = [relax.const(a) for a in params]
+        if dense:           # emitted by _Replace: reshape to [N, K, 1, 1], the 1x1 DSConv, reshape back
+            new = _DenseCall(data, tuple(in_shape), gv, consts, layer.out_shape, (in_shape[0], co))
+        else:
+            args = [data, *consts] + ([residual] if residual is not None else [])
+            new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
+        self.report.layers.append(LayerReport(
+            name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
+            deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
+            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation,
+            func_name=gv.name_hint, layer=layer))
+        return end, new, absorbed, residual
+
+
+def _single_user(var, uses, users):
+    """The var bound to the only expression that uses ``var`` (None if several users or an output)."""
+    if uses.get(var, 0) != 1 or len(users.get(var, ())) != 1:
+        return None
+    return users[var][0]
+
+
+def _ident(name: str) -> str:
+    out = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+    return out or "layer"
+
+
+@dataclass
+class _DenseCall:
+    data: object
+    shape4: tuple
+    gv: object
+    consts: list
+    out4: tuple
+    out2: tuple
+
+
+@relax.expr_functor.mutator
+class _Replace(relax.PyExprMutator):
+    def __init__(self, plans, dropped):
+        super().__init__()
+        self.plans = plans
+        self.dropped = dropped
+
+    def visit_var_binding_(self, binding):
+        if binding.var in self.dropped:
+            return
+        if binding.var in self.plans:
+            plan = self.plans[binding.var]
+            if isinstance(plan, _DenseCall):
+                x4 = self.builder_.emit(relax.op.reshape(self.visit_expr(plan.data), plan.shape4))
+                y4 = self.builder_.emit(relax.call_tir(plan.gv, [x4, *plan.consts],
+                                                       relax.TensorType(plan.out4, "float32")))
+                new_value = relax.op.reshape(y4, plan.out2)
+            else:
+                new_value = self.visit_expr(plan)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new_value)))
+            return
+        super().visit_var_binding_(binding)

@@ -1,0 +1,64 @@
+"""The ARM dot-product kernels (Cortex-A72 smull/addp/sadalp, Cortex-A76 sdot) run on the emulated
+Raspberry Pi (qemu-aarch64, TVM's aarch64 runtime) and compared with the numpy DSConv reference."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import rpc
+
+from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
+from dsconv_tvm.backends.cpu.layout import layer_params
+from dsconv_tvm.scheme.geometry import ConvGeometry
+from dsconv_tvm.scheme.reference import dsconv2d
+from dsconv_tvm.backends.cpu.schedule import dot_intrin, schedule_dsconv_cpu
+from dsconv_tvm.target import get_target
+from dsconv_tvm.scheme.weights import quantize_weight
+
+CASES = [
+    # in_shape, CO, kernel, strides, padding, bits, block, unsigned, residual
+    ((1, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, False),
+    ((1, 48, 7, 7), 8, (3, 3), (2, 2), (1, 1, 1, 1), 4, 16, False, False),
+    ((1, 24, 5, 5), 12, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, True),     # partial block
+    ((1, 16, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 8, 16, False, False),    # int8 weights
+]
+
+
+@pytest.mark.parametrize("target_name, isa", [("rpi4", "neon"), ("rpi5", "sdot")])
+def test_arm_kernels_on_emulated_board_match_reference(emulated_board, tmp_path, target_name, isa):
+    spec = get_target(target_name)
+    target = spec.tvm_target()
+    host, port = emulated_board.tracker.rsplit(":", 1)
+    remote = rpc.connect_tracker(host, int(port)).request(emulated_board.key, session_timeout=600)
+    dev = remote.cpu()
+    for i, (in_shape, co, k, s, p, bits, block, uns, residual) in enumerate(CASES):
+        layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
+                            "int8", residual)
+        func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
+        intrin = dot_intrin(func, target)
+        if bits <= 6 or isa == "sdot":
+            assert intrin is not None and intrin.isa == isa
+        lib_path = tmp_path / f"layer{i}.so"
+        spec.export_library(tvm.compile(schedule_dsconv_cpu(func, target).mod, target), str(lib_path))
+        remote.upload(str(lib_path))
+        fn = remote.load_module(lib_path.name)["main"]
+
+        rng = np.random.default_rng(i)
+        x = rng.standard_normal(in_shape).astype(np.float32) * 2
+        if uns:
+            x = np.maximum(x, 0)
+        qw = quantize_weight(rng.standard_normal((co, in_shape[1], *k)).astype(np.float32), bits, block, "l2",
+                             "float32")
+        bias = rng.standard_normal(co).astype(np.float32)
+        args = [x, *layer_params(layer, qw.q, qw.xi, bias)]
+        res = rng.standard_normal(layer.out_shape).astype(np.float32) if residual else None
+        if res is not None:
+            args.append(res)
+        out = tvm.runtime.tensor(np.zeros(layer.out_shape, np.float32), dev)
+        fn(*[tvm.runtime.tensor(a, dev) for a in args], out)
+        ref = dsconv2d(x, qw.q, qw.xi, block, 8, layer.geom, bias, uns)
+        if res is not None:
+            ref = ref + res
+        ref = np.maximum(ref, 0)
+        # same integers; float32 sums in another order (see test_kernels.py for the bound)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()) + 1e-6)

@@ -1,0 +1,289 @@
+"""The DSConv TensorIR kernel, scheduled and compiled, against the numpy reference."""
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
+from dsconv_tvm.backends.cpu.layout import layer_params, pack_weights, unpack_weights
+from dsconv_tvm.scheme.geometry import ConvGeometry
+from dsconv_tvm.scheme.reference import dsconv2d
+from dsconv_tvm.backends.cpu.intrinsics import isa_of
+from dsconv_tvm.backends.cpu.schedule import dot_intrin, schedule_dsconv_cpu, tile_options
+from dsconv_tvm.backends.common import is_dsconv
+from dsconv_tvm.target import get_target
+from dsconv_tvm.scheme.weights import quantize_weight
+
+HOST = get_target("x86").tvm_target()
+HOST_ISA = isa_of(HOST)
+# x86 builds that run on this machine, one per dot-product path: the host's best, AVX2
+# (vpmaddubsw), AVX-512BW where the CPU has it, and the plain vector schedule ("novec": a target
+# without an intrinsic, x86-64 baseline)
+RUNNABLE = {"host": HOST, "avx2": get_target("x86-avx2").tvm_target()}
+if HOST_ISA in ("avx512", "vnni"):
+    RUNNABLE["avx512"] = get_target("x86-avx512").tvm_target()
+RUNNABLE["plain"] = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64",
+                                       "num-cores": 2})
+
+# Tolerance: the kernel and the reference compute the same integers (block dot products, BFP
+# mantissas and exponents are exact), and every float term acc * xi * 2^(e-f) is the same float32
+# product; only the order of the float32 sum over blocks and taps differs.  So the difference is
+# a few float32 roundings of the partial sums: bounded by ~1e-6 x (number of terms) x max term.
+RTOL = 2e-6
+
+
+def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, target=HOST, tile=None):
+    rng = np.random.default_rng(seed)
+    n, c, h, w = layer.in_shape
+    co = layer.out_channels
+    kh, kw = layer.kernel
+    x = rng.standard_normal(layer.in_shape).astype(np.float32) * 3
+    if layer.unsigned:
+        x = np.maximum(x, 0)
+    wf = rng.standard_normal((co, c, kh, kw)).astype(np.float32)
+    qw = quantize_weight(wf, layer.bits, layer.block, "l2", layer.scale_dtype)
+    bias = rng.standard_normal(co).astype(np.float32) if layer.has_bias else None
+    func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
+    mod = schedule_dsconv_cpu(func, target, tile).mod if scheduled else func
+    ex = tvm.compile(mod, target)
+    args = [x, *layer_params(layer, qw.q, qw.xi, bias)]
+    res = rng.standard_normal(layer.out_shape).astype(np.float32) if layer.has_residual else None
+    if res is not None:
+        args.append(res)
+    out = tvm.runtime.tensor(np.zeros(layer.out_shape, np.float32))
+    ex(*[tvm.runtime.tensor(a) for a in args], out)
+    ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
+    if res is not None:
+        ref = ref + res
+    if layer.activation == "relu":
+        ref = np.maximum(ref, 0)
+    # scale of the float sum: the sum of |terms| bounds its rounding error
+    absref = dsconv2d(np.abs(x), np.abs(qw.q.astype(np.int16)), np.abs(qw.xi), layer.block, layer.mantissa, layer.geom,
+                      None, layer.unsigned)
+    terms = layer.groups * kh * kw
+    extra = 0.0 if res is None else 1e-6 * float(np.abs(res).max() + absref.max())   # one more rounding
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=float(RTOL * terms * absref.max() + extra + 1e-30))
+    return out.numpy(), ref
+
+
+CASES = [
+    # in_shape, CO, kernel, strides, padding, dilation, bits, block, mantissa, unsigned, bias, act
+    ((1, 8, 6, 6), 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 4, 8, False, False, "none"),
+    ((1, 10, 7, 5), 6, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4, 4, 8, True, True, "relu"),
+    ((2, 5, 6, 6), 3, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 3, 3, 6, False, True, "none"),
+    ((1, 16, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 8, 32, 8, False, False, "none"),
+    ((1, 7, 5, 5), 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 6, 1, 5, True, False, "none"),
+    ((1, 64, 14, 14), 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 32, 8, True, True, "relu"),
+    ((1, 40, 9, 9), 24, (3, 3), (2, 2), (0, 1, 2, 1), (1, 1), 4, 32, 8, False, True, "none"),  # partial block
+    ((1, 16, 8, 8), 16, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 2, 16, 4, True, False, "relu"),
+    ((1, 24, 8, 11), 20, (1, 3), (1, 2), (0, 1, 0, 1), (1, 1), 5, 8, 7, False, True, "relu"),  # non-square
+    ((1, 33, 6, 6), 17, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 64, 8, True, False, "none"),  # B > C
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-s{c[3]}-b{c[6]}B{c[7]}m{c[8]}")
+def test_scheduled_kernel_matches_reference(case):
+    in_shape, co, k, s, p, d, bits, block, m, uns, bias, act = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p, d), bits, block, m, uns, "float32", bias, act)
+    _run_layer(layer, seed=hash(case) % 1000)
+
+
+TENSORIZED = [
+    # in_shape, CO, kernel, strides, padding, bits, block, unsigned, act_dtype, residual
+    ((1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "uint8", False),
+    ((1, 64, 9, 9), 32, (3, 3), (2, 2), (1, 1, 1, 1), 4, 64, False, "uint8", True),   # signed: offset +128
+    ((1, 48, 7, 7), 16, (1, 1), (1, 1), (0, 0, 0, 0), 4, 16, True, "uint8", True),
+    ((1, 40, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 6, 32, True, "uint8", False),   # int8 weights, partial
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "int8", False),    # ARM storage: -128
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, "uint8", False),  # 8 bits: vnni only
+]
+
+
+@pytest.mark.parametrize("path", list(RUNNABLE))
+@pytest.mark.parametrize("case", TENSORIZED, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-b{c[5]}B{c[6]}-{c[8]}")
+def test_dot_product_kernels_match_reference(case, path):
+    """Every runnable dot-product path (and every register tile it would try) against numpy."""
+    in_shape, co, k, s, p, bits, block, uns, act, residual = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
+                        act, residual)
+    target = RUNNABLE[path]
+    func = dsconv_primfunc(layer)
+    intrin = dot_intrin(func, target)
+    if path in ("avx2", "avx512"):
+        assert (intrin is not None) == (bits <= 6 and act == "uint8"), intrin
+    if path == "plain":
+        assert intrin is None
+    for tile in tile_options(func, target)[:3]:
+        _run_layer(layer, seed=co + bits, target=target, tile=tile)
+
+
+@settings(max_examples=12, deadline=None)
+@given(c=st.integers(1, 20), co=st.integers(1, 20), hw=st.integers(3, 9), k=st.sampled_from([1, 2, 3]),
+       s=st.integers(1, 2), pad=st.integers(0, 2), d=st.integers(1, 2), bits=st.integers(2, 8),
+       block=st.integers(1, 24), m=st.integers(2, 8), uns=st.booleans(), bias=st.booleans(),
+       scale16=st.booleans())
+def test_random_layers_match_reference(c, co, hw, k, s, pad, d, bits, block, m, uns, bias, scale16):
+    if hw + 2 * pad < d * (k - 1) + 1:
+        return
+    layer = DSConvLayer((1, c, hw, hw), co, (k, k), ConvGeometry((s, s), (pad,) * 4, (d, d)), bits, block,
+                        m, uns, "float16" if scale16 else "float32", bias, "relu" if bias else "none")
+    _run_layer(layer, seed=c * 31 + co)
+
+
+def test_unscheduled_and_scheduled_agree_bitwise_on_integers():
+    """One block and one tap: a single float term per output, so results must be identical."""
+    layer = DSConvLayer((1, 16, 6, 6), 8, (1, 1), ConvGeometry(), 4, 16, 8, False, "float32", False, "none")
+    a, ref = _run_layer(layer, 3, scheduled=True)
+    b, _ = _run_layer(layer, 3, scheduled=False)
+    assert np.array_equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(co=st.integers(1, 9), ci=st.integers(1, 40), k=st.integers(1, 3), bits=st.integers(2, 8),
+       block=st.integers(1, 33), seed=st.integers(0, 2 ** 16))
+def test_pack_unpack_roundtrip(co, ci, k, bits, block, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (co, ci, k, k)).astype(np.int8)
+    wp = pack_weights(q, bits, block)
+    g = -(-ci // block)
+    bp = -(-block // 8) * 8
+    if bits <= 4:
+        assert wp.dtype == np.uint8 and wp.shape == (g, k, k, bp // 8, co, 4)
+    else:
+        assert wp.dtype == np.int8 and wp.shape == (g, k, k, bp // 4, co, 4)
+    assert np.array_equal(unpack_weights(wp, bits, block, ci), q)
+
+
+def test_packed_bytes_are_half_a_byte_per_weight():
+    q = np.zeros((64, 64, 3, 3), np.int8)
+    assert pack_weights(q, 4, 32).nbytes == q.size // 2
+    assert pack_weights(q, 8, 32).nbytes == q.size
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        pack_weights(np.full((1, 1, 1, 1), 8, np.int8), 4, 1)
+
+
+def test_is_dsconv():
+    layer = DSConvLayer((1, 8, 4, 4), 4, (3, 3), ConvGeometry(), 4, 8, 8)
+    assert is_dsconv(dsconv_primfunc(layer))
+    from tvm import te
+    a = te.placeholder((4,), name="a")
+    assert not is_dsconv(te.create_prim_func([a, te.compute((4,), lambda i: a[i] * 2)]))
+
+
+def _asm(target_name, layer):
+    spec = get_target(target_name)
+    target = spec.tvm_target()
+    func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
+    ex = tvm.compile(schedule_dsconv_cpu(func, target).mod, target)
+    return ex.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("target, isa, pattern, least", [
+    # x86 AVX2: u8 x s8 byte dot products (vpmaddubsw), pairs to i32 (vpmaddwd), on ymm
+    ("x86-avx2", "avx2", r"\bvpmaddubsw\s+%ymm", 16),
+    # AVX-512BW: the same on zmm
+    ("x86-avx512", "avx512", r"\bvpmaddubsw\s+%zmm", 16),
+    # AVX-512 VNNI: vpdpbusd (cannot run on every x86; checked in the assembly)
+    ("x86-vnni", "vnni", r"\bvpdpbusd\s+%zmm", 16),
+    # Cortex-A72 (Raspberry Pi 4): widening multiplies, pairwise adds, accumulate long
+    ("rpi4", "neon", r"\bsmull2?\s+v\d+\.8h|\bsadalp\s+v\d+\.4s", 16),
+    ("arm", "neon", r"\bsmull2?\s+v\d+\.8h|\bsadalp\s+v\d+\.4s", 16),
+    # Cortex-A76 (Raspberry Pi 5): sdot
+    ("rpi5", "sdot", r"\bsdot\s+v\d+\.4s", 16),
+])
+def test_assembly_has_the_dot_product_instructions(target, isa, pattern, least):
+    tvm_target = get_target(target).tvm_target()
+    assert isa_of(tvm_target) == isa
+    act = "int8" if isa in ("neon", "sdot") else "uint8"
+    layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
+                        "float32", True, "relu", act)
+    asm = _asm(target, layer)
+    assert len(re.findall(pattern, asm)) >= least
+    # the 4-bit weights are unpacked in registers from the packed bytes
+    unpack = r"\bvpsrlw\s+\$4|\bvpand\s|\bushr\s+v\d+\.16b|\bsshr\s+v\d+\.16b|\band\s+v\d+\.16b"
+    assert re.search(unpack, asm)
+
+
+def test_x86_plain_vector_fallback_for_8_bit_weights():
+    """8-bit weights would saturate vpmaddubsw's i16 pairs: AVX2 falls back to plain vector code."""
+    layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 8, 32, 8, True,
+                        "float32", True, "relu")
+    assert dot_intrin(dsconv_primfunc(layer), get_target("x86-avx2").tvm_target()) is None
+    asm = _asm("x86-avx2", layer)
+    assert not re.search(r"\bvpmaddubsw\b", asm)
+    assert len(re.findall(r"\bvpmaddwd\s+%ymm|\bvpmulld\s+%ymm", asm)) >= 8
+
+
+def test_armv7_compiles_with_neon():
+    asm = _asm("rpi-armv7", DSConvLayer((1, 32, 8, 8), 16, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)),
+                                        4, 32, 8, True))
+    assert re.search(r"\bvml[a]\.i32\s+q\d+|\bvmlal\.s16\s+q\d+|\bvmul\.i32\s+q\d+", asm)
+
+
+# ---- the default schedules of the fp32 ops a DSConv model keeps (stem conv, pooling) ---------------
+def _pool_reference(x, kind, k, s, pad):
+    n, c, h, w = x.shape
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.full((n, c, h + 2 * pad, w + 2 * pad), fill, np.float32)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    win = np.stack([xp[:, :, i:i + s * oh:s, j:j + s * ow:s] for i in range(k) for j in range(k)])
+    if kind == "max":
+        return win.max(0)
+    valid = np.stack([np.pad(np.ones((h, w), np.float32), pad)[i:i + s * oh:s, j:j + s * ow:s]
+                      for i in range(k) for j in range(k)]).sum(0)
+    return win.sum(0) / valid             # count_include_pad=False
+
+
+@pytest.mark.parametrize("shape,kind,k,s,pad", [((1, 16, 23, 23), "max", 3, 2, 1), ((1, 8, 20, 20), "max", 3, 2, 0),
+                                                 ((2, 8, 14, 14), "avg", 2, 2, 0), ((1, 8, 9, 9), "avg", 3, 1, 1)])
+def test_pool_default_schedule_matches_numpy(shape, kind, k, s, pad):
+    from tvm import te, topi
+
+    from dsconv_tvm.backends.cpu.rules import schedule_pool
+
+    x = te.placeholder(shape, "float32", "x")
+    y = topi.nn.pool2d(x, (k, k), (s, s), (1, 1), (pad,) * 4, kind, count_include_pad=False)
+    sch = schedule_pool(te.create_prim_func([x, y]), HOST)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=HOST)
+    xn = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32))
+    lib(tvm.runtime.tensor(xn), out)
+    np.testing.assert_allclose(out.numpy(), _pool_reference(xn, kind, k, s, pad), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ci,co,hw,k,s", [(3, 16, 30, 7, 2), (3, 24, 17, 3, 1), (5, 8, 12, 3, 2)])
+def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s):
+    """The kept first layer (conv + bias + ReLU) with FP32ConvCPU's schedule, against numpy."""
+    from tvm import te, topi
+
+    from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
+
+    pad = k // 2
+    x = te.placeholder((1, ci, hw, hw), "float32", "x")
+    wt = te.placeholder((co, ci, k, k), "float32", "w")
+    b = te.placeholder((1, co, 1, 1), "float32", "b")
+    y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
+    sch = schedule_fp32_conv(te.create_prim_func([x, wt, b, y]), HOST)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=HOST)
+    rng = np.random.default_rng(1)
+    xn, wn, bn = (rng.standard_normal(t).astype(np.float32) for t in ((1, ci, hw, hw), (co, ci, k, k), (1, co, 1, 1)))
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32))
+    lib(*(tvm.runtime.tensor(a) for a in (xn, wn, bn)), out)
+    xp = np.pad(xn, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (hw + 2 * pad - k) // s + 1
+    ref = np.zeros((1, co, oh, oh), np.float64)
+    for i in range(k):
+        for j in range(k):
+            ref += np.einsum("oc,nchw->nohw", wn[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * oh:s])
+    np.testing.assert_allclose(out.numpy(), np.maximum(ref + bn, 0), rtol=1e-4, atol=1e-4)

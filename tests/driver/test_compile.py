@@ -1,0 +1,57 @@
+"""Whole models: compiled DSConv .so == numpy DSConv reference model; cross-compiled .so files."""
+
+import glob
+import os
+
+import pytest
+
+from dsconv_tvm.driver.compile import compile_model
+from dsconv_tvm.config import DSConvConfig
+from dsconv_tvm.host import elf_machine
+
+from conftest import compiled_vs_reference, residual_model  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = sorted(glob.glob(os.path.join(REPO, "models", "*.onnx")))
+
+
+@pytest.fixture(scope="module")
+def residual_onnx(tmp_path_factory):
+    return residual_model(str(tmp_path_factory.mktemp("m") / "resblock.onnx"))
+
+
+@pytest.mark.parametrize("cfg", [DSConvConfig(block=8), DSConvConfig(bits=3, block=4, mantissa=6, first_layer="dsconv"),
+                                 DSConvConfig(bits=8, block=16, fit="l2", scale_dtype="float16"),
+                                 DSConvConfig(block=5, unsigned_after_relu=False)],
+                         ids=["W4B8m8", "W3B4m6-first", "W8B16-l2-f16", "W4B5-signed"])
+def test_residual_model_matches_reference(residual_onnx, tmp_path, cfg):
+    result, _ = compiled_vs_reference(residual_onnx, str(tmp_path / "m.so"), cfg)
+    names = [layer.name for layer in result.report.converted]
+    assert "block_conv1" in names and "dilated" in names and "down" in names
+    assert len(result.folded_bn if hasattr(result, "folded_bn") else []) == 3
+
+
+def test_batch_of_four(residual_onnx, tmp_path):
+    compiled_vs_reference(residual_onnx, str(tmp_path / "m4.so"), DSConvConfig(block=8),
+                           {"input": [4, 3, 20, 20]}, n_inputs=1)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
+def test_example_models_match_reference(path, tmp_path):
+    result, worst = compiled_vs_reference(path, str(tmp_path / "e.so"), DSConvConfig(), n_inputs=1)
+    assert result.report.converted
+
+
+def test_example_models_are_committed():
+    names = {os.path.basename(p) for p in EXAMPLES}
+    assert {"resnet20.onnx", "vgg_small.onnx", "mobilenet_small.onnx"} <= names
+
+
+@pytest.mark.parametrize("target,machine", [("arm", "AArch64"), ("rpi4", "AArch64"), ("rpi5", "AArch64"),
+                                            ("rpi-armv7", "ARM"), ("x86-avx2", "x86-64")])
+def test_cross_compiled_dsconv_models(residual_onnx, tmp_path, target, machine):
+    out = str(tmp_path / f"m-{target}.so")
+    result = compile_model(residual_onnx, target, out, DSConvConfig(block=8), check=False)
+    assert elf_machine(out) == machine
+    assert len(result.report.converted) == 4
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
