@@ -21,11 +21,15 @@ Defaults (documented in README.md):
   features).  Opt-in: the example models' accuracy was measured with fp32 classifiers; it is what
   brings ResNet-50's deployed weights under 0.16x at B=64 (its 2M-weight classifier is 8 % of it).
 * ``skip``: layer names (ONNX node names or weight initializer names) that stay fp32.
+* ``layer_bits``: per-layer weight bits ``{layer name: bits}`` overriding ``bits`` for those layers
+  (mixed precision: what ``--bits auto`` chooses, :mod:`dsconv_tvm.accuracy.mixed`); each layer's
+  packed format follows its own bits (<= 4: two per byte, else one byte each).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -51,6 +55,7 @@ class DSConvConfig:
     depthwise: str = "keep"
     skip: tuple[str, ...] = field(default_factory=tuple)
     dense: str = "keep"
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         def _int(name, value):
@@ -78,11 +83,27 @@ class DSConvConfig:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.layer_bits, Mapping):
+            raise ConfigError(f"layer_bits must be a mapping {{layer name: bits}}, got {self.layer_bits!r}")
+        for name, bits in self.layer_bits.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"layer_bits: layer names must be strings, got {name!r}")
+            _int(f"layer_bits[{name!r}]", bits)
+            if not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+                raise ConfigError(f"layer_bits[{name!r}] = {bits} is out of range: weight bits must be "
+                                  f"{BITS_RANGE[0]}..{BITS_RANGE[1]}")
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits))
+
+    def bits_for(self, name: str) -> int:
+        """The weight bits of layer ``name``: its ``layer_bits`` entry, else ``bits``."""
+        return self.layer_bits.get(name, self.bits)
 
     @property
     def packed(self) -> bool:
         """Two weights per byte (b <= 4); otherwise one int8 per weight."""
         return self.bits <= 4
+
+    __hash__ = None                      # layer_bits is a dict
 
     def replace(self, **changes) -> "DSConvConfig":
         return dataclasses.replace(self, **changes)

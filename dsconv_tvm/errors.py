@@ -30,3 +30,8 @@ class NumericsError(DSConvError, ValueError):
 
 class OutputError(DSConvError):
     """An output path cannot be written."""
+
+
+class DataError(DSConvError, ValueError):
+    """User data (``--inputs``/``--labels``/``--calibration`` arrays, preprocessing options) does not
+    fit the model: wrong rank, shape or dtype, NaN/Inf, a label count that differs."""

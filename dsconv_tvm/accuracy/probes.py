@@ -40,13 +40,18 @@ def probe_model(model, conv_names: list[str]):
     return m
 
 
-def ort_outputs(model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    """Every output of an ONNX model (a path or serialized bytes) on ``x``, in batches, with ONNX
-    Runtime on all cores."""
+def ort_session(model):
+    """An ONNX Runtime CPU session of a model (a path or serialized bytes), on all cores."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = os.cpu_count() or 1
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of an ONNX model (a path or serialized bytes) on ``x``, in batches, with ONNX
+    Runtime on all cores."""
+    sess = ort_session(model)
     name = sess.get_inputs()[0].name
     parts = [sess.run(None, {name: x[i:i + batch]}) for i in range(0, len(x), batch)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]

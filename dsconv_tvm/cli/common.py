@@ -16,10 +16,31 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_scheme_options(p: argparse.ArgumentParser) -> None:
-    """The options of the DSConv scheme (bits, block, mantissa, fit, ...), as ``compile`` has them."""
+def bits_arg(text: str):
+    """``--bits``: an integer, or ``auto`` (mixed precision, per-layer bits under ``--weight-bytes``)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from exc
+
+
+def add_scheme_options(p: argparse.ArgumentParser, mixed: bool = False) -> None:
+    """The options of the DSConv scheme (bits, block, mantissa, fit, ...), as ``compile`` has them;
+    ``mixed``: also ``--bits auto`` with ``--weight-bytes`` and ``--sensitivity``."""
     d = DSConvConfig()
-    p.add_argument("--bits", type=int, default=d.bits, help=f"weight bits, 2..8 (default {d.bits})")
+    if mixed:
+        p.add_argument("--bits", type=bits_arg, default=d.bits,
+                       help=f"weight bits, 2..8 (default {d.bits}), or auto: per-layer bits chosen by "
+                            "sensitivity under --weight-bytes")
+        p.add_argument("--weight-bytes", type=float, default=None, metavar="R",
+                       help="with --bits auto: the deployed conv weight bytes may be at most R x their "
+                            "fp32 bytes (e.g. 0.18)")
+        p.add_argument("--sensitivity", default=None, metavar="OUT",
+                       help="with --bits auto: write the per-layer sensitivity table OUT.md and plot OUT.png")
+    else:
+        p.add_argument("--bits", type=int, default=d.bits, help=f"weight bits, 2..8 (default {d.bits})")
     p.add_argument("--block", type=int, default=d.block,
                    help=f"input channels per KDS scale / BFP exponent block, >= 1 (default {d.block})")
     p.add_argument("--mantissa", type=int, default=d.mantissa,
@@ -42,7 +63,8 @@ def add_scheme_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> DSConvConfig:
     """The :class:`DSConvConfig` of the scheme options."""
-    return DSConvConfig(bits=args.bits, block=args.block, mantissa=args.mantissa, fit=args.fit,
+    bits = DSConvConfig().bits if args.bits == "auto" else args.bits     # auto: resolved per layer later
+    return DSConvConfig(bits=bits, block=args.block, mantissa=args.mantissa, fit=args.fit,
                         scale_dtype=args.scale_dtype, first_layer=args.first_layer,
                         unsigned_after_relu=not args.signed_mantissa, skip=tuple(args.skip),
                         dense=args.dense)

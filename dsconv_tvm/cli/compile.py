@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import ConfigError
 from ..fileio import atomic_write, check_output_path
 from .common import EXIT_OK, add_scheme_options, config_from_args, fmt_bytes, log
 
@@ -19,7 +20,10 @@ def add_parser(sub) -> None:
     c.add_argument("-o", "--output", required=True, help="the .so file to write")
     c.add_argument("--input-shapes", default=None,
                    help='static input shapes, e.g. "input:[1,1,28,28]" (default: batch 1)')
-    add_scheme_options(c)
+    add_scheme_options(c, mixed=True)
+    c.add_argument("--calibration", default=None, metavar="X.npy",
+                   help="with --bits auto: unlabelled model inputs (an array the model's input accepts) "
+                        "for the per-layer sensitivity; without it the sensitivity is data-free")
     c.add_argument("--no-check", action="store_true",
                    help="skip the fp32-vs-DSConv agreement check on a sample input")
     c.add_argument("--report-json", default=None, help="also write the per-layer report as JSON")
@@ -36,14 +40,16 @@ def add_parser(sub) -> None:
 def format_summary(result) -> str:
     cfg = result.config
     rep = result.report
+    mixed = sorted({layer.bits for layer in rep.converted}) if cfg.layer_bits else []
+    bits = ("mixed W" + "/W".join(map(str, mixed))) if mixed else f"W{cfg.bits}"
     lines = [f"target    {result.target}",
              "inputs    " + ", ".join(f"{k} {v}" for k, v in result.input_shapes.items()),
-             f"scheme    W{cfg.bits} B={cfg.block} m={cfg.mantissa} (fit {cfg.fit}, scales {cfg.scale_dtype}, "
+             f"scheme    {bits} B={cfg.block} m={cfg.mantissa} (fit {cfg.fit}, scales {cfg.scale_dtype}, "
              f"first layer {cfg.first_layer}, depthwise {cfg.depthwise})"]
     if result.folded_bn:
         lines.append(f"BN        {len(result.folded_bn)} BatchNormalization folded into convs")
     lines.append(f"layers    {len(rep.converted)} converted to DSConv, {len(rep.kept)} kept in fp32")
-    hdr = f"  {'layer':<28} {'weight':<16} {'status':<8} {'input':<9} {'SQNR dB':>8} {'fp32':>9} {'deployed':>9}  note"
+    hdr = f"  {'layer':<28} {'weight':<16} {'status':<8} {'bits':<4} {'input':<9} {'SQNR dB':>8} {'fp32':>9} {'deployed':>9}  note"
     lines.append(hdr)
     for layer in rep.layers:
         shape = "x".join(str(d) for d in layer.weight_shape)
@@ -53,7 +59,8 @@ def format_summary(result) -> str:
         note = "+".join(layer.fused) if layer.converted else layer.reason
         if layer.converted and result.tuned_functions:
             note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer, result) else "[default]")
-        lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {mant:<9} {sq} "
+        wbits = f"W{layer.bits}" if layer.converted else "-"
+        lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {wbits:<4} {mant:<9} {sq} "
                      f"{fmt_bytes(layer.fp32_bytes):>9} {fmt_bytes(layer.deployed_bytes):>9}  {note}")
     fp32 = sum(layer.fp32_bytes for layer in rep.layers)
     dep = sum(layer.deployed_bytes for layer in rep.layers)
@@ -86,10 +93,11 @@ def report_json(result) -> dict:
         "target": result.target, "config": result.config.to_dict(), "input_shapes": result.input_shapes,
         "layers": [{"name": l.name, "converted": l.converted, "reason": l.reason,
                     "weight_shape": list(l.weight_shape), "fp32_bytes": l.fp32_bytes,
-                    "deployed_bytes": l.deployed_bytes,
+                    "deployed_bytes": l.deployed_bytes, "bits": l.bits if l.converted else None,
                     "sqnr_db": None if not l.converted else round(l.sqnr_db, 3),
                     "unsigned_mantissa": l.unsigned, "fused": list(l.fused)} for l in result.report.layers],
         "agreement": None if result.agreement is None else vars(result.agreement),
+        "mixed_precision": None if result.allocation is None else result.allocation.to_dict(),
     }
 
 
@@ -97,8 +105,22 @@ def cmd_compile(args) -> int:
     from ..driver.compile import compile_model
     from ..frontend.onnx import parse_input_shapes
 
+    from ..accuracy.inputs import load_inputs
+    from ..accuracy.mixed import check_budget
+    from ..frontend.onnx import load_onnx
+    from .mixed import resolve_bits
+
     config = config_from_args(args)
     shapes = parse_input_shapes(args.input_shapes)
+    calibration = None
+    if args.calibration:
+        if args.bits != "auto":
+            raise ConfigError("--calibration is used by --bits auto (the per-layer sensitivity); add --bits auto")
+        loaded = load_onnx(args.model, shapes)
+        name = next(iter(loaded.input_shapes))
+        calibration = load_inputs(args.calibration, loaded.input_shapes[name], loaded.input_dtypes[name],
+                                  "--calibration")
+    config, allocation = resolve_bits(args, args.model, config, calibration, args.target, shapes)
     bundle = None
     if args.bundle:  # check DIR and fetch the target's runtime before the (long) compile
         from ..deploy.bundle import prepare_bundle
@@ -108,6 +130,9 @@ def cmd_compile(args) -> int:
     result = compile_model(args.model, args.target, args.output, config, shapes,
                            check=not args.no_check,
                            log=log, tuning_db=args.tuning_db)
+    result.allocation = allocation
+    if allocation is not None:
+        check_budget(result.report, allocation)
     for note in result.notes:
         log(note)
     result.notes = []

@@ -74,6 +74,7 @@ class CompileResult:
     notes: list[str] = field(default_factory=list)
     schedules: str = "default schedules"      # where the schedules came from
     tuned_functions: list[str] = field(default_factory=list)
+    allocation: object = None                 # mixed precision: the accuracy.mixed.Allocation, if any
 
 
 def compile_model(model_path: str, target: str, output: str, config: DSConvConfig | None = None,

@@ -273,9 +273,10 @@ class DSConvRewrite:
         # a block wider than the layer's input is one block of all its channels: the same scales,
         # mantissas and exponents as block = C, without packing and multiplying empty slots
         block = min(cfg.block, int(in_shape[1]))
-        qw = quantize_weight(w, cfg.bits, block, cfg.fit, cfg.scale_dtype)
+        bits = cfg.bits_for(name)            # mixed precision: a per-layer override
+        qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
-                            cfg.bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
+                            bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation, self.backend.act_dtype, residual is not None)
         params = self.backend.layer_params(layer, qw.q, qw.xi, bias)
         wp, xi = params[:2]
@@ -290,7 +291,7 @@ class DSConvRewrite:
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
             deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
             fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation,
-            func_name=gv.name_hint, layer=layer))
+            func_name=gv.name_hint, layer=layer, bits=bits))
         return end, new, absorbed, residual
 
 

@@ -30,6 +30,7 @@ class LayerReport:
     activation: str = "none"
     func_name: str = ""               # the PrimFunc the layer calls, when converted
     layer: DSConvLayer | None = None  # what its kernel is specialised on, when converted
+    bits: int = 0                     # its weight bits, when converted (mixed precision: per layer)
 
 
 @dataclass
