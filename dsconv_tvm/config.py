@@ -110,3 +110,15 @@ class DSConvConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def scheme_bits(config: DSConvConfig) -> str:
+    """``W4``, or for mixed precision ``mixed W4/W8 (3 layers W8, 17 W4)``."""
+    if not config.layer_bits:
+        return f"W{config.bits}"
+    counts: dict[int, int] = {}
+    for b in config.layer_bits.values():
+        counts[b] = counts.get(b, 0) + 1
+    order = sorted(counts, reverse=True)
+    return (f"mixed W{'/W'.join(map(str, sorted(counts)))} (" +
+            ", ".join(f"{counts[b]} layers W{b}" for b in order) + "; others W" + str(config.bits) + ")")

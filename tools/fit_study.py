@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsconv_tvm.weights import alpha_grid, quantize_weight  # noqa: E402
+from dsconv_tvm.scheme.weights import alpha_grid, quantize_weight  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 
@@ -131,7 +131,8 @@ def make_fit(spec: str):
 # ---------------------------------------------------------------- the simulated model (ONNX)
 def load_folded(path: str):
     import onnx
-    from dsconv_tvm.frontend import fold_conv_batchnorm
+
+    from dsconv_tvm.frontend.batchnorm import fold_conv_batchnorm
     model = onnx.load(path)
     fold_conv_batchnorm(model)
     return model
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from dsconv_tvm.datasets import load_fashion_mnist
+    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
     from onnx import numpy_helper
     x, y = load_fashion_mnist("test")
     x, y = x[:args.limit], y[:args.limit]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import DSConvConfig
+from ..config import DSConvConfig, scheme_bits
 from ..driver.compile import build_relax
 from ..errors import ConfigError, ModelError
 from ..fileio import atomic_write
@@ -272,7 +272,7 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
                 m_, e_ = bfp_quantize(X, config.block, config.mantissa, layer.unsigned)
                 xd = bfp_dequantize(m_, e_, config.block, config.mantissa, layer.unsigned, X.shape[1])
                 w = np.asarray(W, np.float32)
-                q_g = gptq_round(w, qw.xi, config.bits, config.block,
+                q_g = gptq_round(w, qw.xi, qw.bits, config.block,
                                  input_hessian(xd, w.shape[2], w.shape[3], layer.geom))
                 fit_g = fit_layer(X, target, q_g, qw.xi, bias, *args, want_output=True)
                 if fit_g[3] < fit[3]:
@@ -293,7 +293,7 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     for name, (q, xi, b) in new_params.items():
         node = nodes[name]
         w_new = (q.astype(np.float32) * np.repeat(xi, config.block, axis=1)[:, :q.shape[1]]).astype(np.float32)
-        again = quantize_weight(w_new, config.bits, config.block, "l2", config.scale_dtype)
+        again = quantize_weight(w_new, layers[name].quantized.bits, config.block, "l2", config.scale_dtype)
         if not np.array_equal(again.q[xi_nonzero(xi, config.block, q.shape[1])],
                               q[xi_nonzero(xi, config.block, q.shape[1])]) \
                 or not np.allclose(again.xi, xi, rtol=1e-5, atol=0):
@@ -309,6 +309,7 @@ def adapt_model(model_path: str, x: np.ndarray, config: DSConvConfig, output: st
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     meta = {"bits": config.bits, "block": config.block, "mantissa": config.mantissa, "fit": "l2",
+            **({"layer_bits": dict(config.layer_bits)} if config.layer_bits else {}),
             "images": len(x), "source": str(model_path).rsplit("/", 1)[-1]}
     model.metadata_props.append(onnx.StringStringEntryProto(key="dsconv_tvm.adapted", value=json.dumps(meta)))
     onnx.checker.check_model(model)
@@ -326,7 +327,7 @@ def xi_nonzero(xi: np.ndarray, block: int, ci: int) -> np.ndarray:
 
 def format_adapt(res: AdaptResult) -> str:
     c = res.config
-    lines = [f"scheme    W{c.bits} B={c.block} m={c.mantissa} (fit l2, first layer {c.first_layer}, "
+    lines = [f"scheme    {scheme_bits(c)} B={c.block} m={c.mantissa} (fit l2, first layer {c.first_layer}, "
              f"depthwise {c.depthwise}); {res.images} unlabelled images",
              f"  {'layer':<32} {'unknowns/ch':>11} {'rel. err l2 fit':>16} {'adapted':>10} {'rounding':>9} "
              f"{'channels':>10}"]

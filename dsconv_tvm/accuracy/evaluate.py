@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import DSConvConfig
+from ..config import DSConvConfig, scheme_bits
 from ..driver.compile import compile_model
 from ..errors import ModelError
 from ..execute.compare import topk_hits
@@ -176,7 +176,7 @@ def format_eval(res: EvalResult) -> str:
     c = res.config
     lines = [f"model     {res.model}",
              f"data      {res.data}: {res.n} samples",
-             f"scheme    W{c.bits} B={c.block} m={c.mantissa} (fit {c.fit}, first layer {c.first_layer}, "
+             f"scheme    {scheme_bits(c)} B={c.block} m={c.mantissa} (fit {c.fit}, first layer {c.first_layer}, "
              f"depthwise {c.depthwise}); DSConv = the compiled x86 .so, fp32 = ONNX Runtime"
              + ("" if res.reference == res.model else f" on {res.reference}")]
     if res.weight_bytes_fp32:

@@ -314,7 +314,8 @@ def plot_allocation(a: Allocation, path: str) -> None:
     ax.scatter(xs, [10 * math.log10(1 / max(c.sensitivity[a.layer_bits[c.name]], 1e-30)) for c in a.layers],
                s=90, facecolors="none", edgecolors="k", label="chosen", zorder=5)
     for x, c in zip(xs, a.layers):
-        ax.annotate(str(a.layer_bits[c.name]), (x, 10 * math.log10(1 / max(c.sensitivity[a.layer_bits[c.name]], 1e-30))),
+        b = a.layer_bits[c.name]
+        ax.annotate(str(b), (x, 10 * math.log10(1 / max(c.sensitivity[b], 1e-30))),
                     textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
     ax.set_xticks(xs)
     ax.set_xticklabels([c.name for c in a.layers], rotation=90, fontsize=6)

@@ -49,7 +49,8 @@ def format_summary(result) -> str:
     if result.folded_bn:
         lines.append(f"BN        {len(result.folded_bn)} BatchNormalization folded into convs")
     lines.append(f"layers    {len(rep.converted)} converted to DSConv, {len(rep.kept)} kept in fp32")
-    hdr = f"  {'layer':<28} {'weight':<16} {'status':<8} {'bits':<4} {'input':<9} {'SQNR dB':>8} {'fp32':>9} {'deployed':>9}  note"
+    hdr = (f"  {'layer':<28} {'weight':<16} {'status':<8} {'bits':<4} {'input':<9} {'SQNR dB':>8} {'fp32':>9} "
+           f"{'deployed':>9}  note")
     lines.append(hdr)
     for layer in rep.layers:
         shape = "x".join(str(d) for d in layer.weight_shape)
@@ -102,12 +103,10 @@ def report_json(result) -> dict:
 
 
 def cmd_compile(args) -> int:
-    from ..driver.compile import compile_model
-    from ..frontend.onnx import parse_input_shapes
-
     from ..accuracy.inputs import load_inputs
     from ..accuracy.mixed import check_budget
-    from ..frontend.onnx import load_onnx
+    from ..driver.compile import compile_model
+    from ..frontend.onnx import load_onnx, parse_input_shapes
     from .mixed import resolve_bits
 
     config = config_from_args(args)

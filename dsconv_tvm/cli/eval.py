@@ -10,7 +10,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..fileio import atomic_write, check_output_path
 from .common import add_scheme_options, config_from_args, log
-from .data import add_data_options, images, take_first
+from .data import add_data_options, builtin, images, model_input, preprocess, take_first, user_inputs
+from .mixed import resolve_bits
 
 
 def add_parser(sub) -> None:
@@ -31,12 +32,18 @@ def add_parser(sub) -> None:
     e.add_argument("--sqnr-images", type=int, default=32,
                    help="samples for the per-layer SQNR (a second, probe library; 0 = skip; default 32)")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    add_scheme_options(e)
+    e.add_argument("--labels", default=None, metavar="Y.npy",
+                   help="with --inputs: integer class labels, one per sample (top-1/top-5 against them)")
+    e.add_argument("--calibration", default=None, metavar="X.npy",
+                   help="with --bits auto: unlabelled model inputs for the per-layer sensitivity "
+                        "(default: data-free, from the weights)")
+    add_scheme_options(e, mixed=True)
     e.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from ..accuracy.evaluate import evaluate, format_eval
+    from ..accuracy.inputs import load_inputs
 
     config = config_from_args(args)
     if args.json:
@@ -44,12 +51,24 @@ def cmd_eval(args) -> int:
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be >= 1")
     labels = None
-    if args.data:
+    if args.labels and not args.inputs:
+        raise ConfigError("--labels goes with --inputs (the built-in data sets and --labels-from-names "
+                          "bring their own labels)")
+    if args.inputs:
+        from ..accuracy.inputs import load_labels
+
+        x = user_inputs(args, args.model)
+        if args.labels:
+            labels = take_first(load_labels(args.labels, len(x)), args.limit, "labels")
+        x = take_first(x, args.limit, "samples")
+        name = f"{args.inputs} ({len(x)} samples)"
+    elif args.data:
         from ..accuracy.datasets import load_fashion_mnist
 
         x, labels = load_fashion_mnist("train" if args.data.endswith("train") else "test")
         x, labels = take_first(x, args.limit, "samples"), take_first(labels, args.limit, "labels")
-        name = args.data
+        x = builtin(x, args, args.model)
+        name = args.data + (f" ({preprocess(args).describe()})" if not preprocess(args).is_default else "")
     else:
         x, _, src, file_labels = images(args, args.model)
         if args.labels_from_names:
@@ -61,6 +80,13 @@ def cmd_eval(args) -> int:
         x = take_first(x, args.limit, "samples")
         labels = None if labels is None else labels[:len(x)]
         name = f"{args.images} ({args.crops} random crops per image, seed {args.seed})"
+    calibration = None
+    if args.calibration:
+        if args.bits != "auto":
+            raise ConfigError("--calibration is used by --bits auto (the per-layer sensitivity); add --bits auto")
+        shape, dtype = model_input(args.model)
+        calibration = load_inputs(args.calibration, shape, dtype, "--calibration")
+    config, _ = resolve_bits(args, args.model, config, calibration)
     res = evaluate(args.model, x, labels, config, name, batch=args.batch,
                    sqnr_images=args.sqnr_images, log=log, reference=args.reference)
     print(format_eval(res))
