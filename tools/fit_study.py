@@ -263,8 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
     from onnx import numpy_helper
+
+    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
     x, y = load_fashion_mnist("test")
     x, y = x[:args.limit], y[:args.limit]
     results = []

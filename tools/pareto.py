@@ -119,8 +119,9 @@ def run_model(name: str, args, work: str, log) -> list[dict]:
 
 
 def ort_int8_row(model, calib, name, norm, limit, work) -> dict:
-    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
     from sweep import ort_int8
+
+    from dsconv_tvm.accuracy.datasets import load_fashion_mnist
 
     x, y = load_fashion_mnist("test")
     if limit:

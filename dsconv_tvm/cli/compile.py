@@ -49,8 +49,8 @@ def format_summary(result) -> str:
     if result.folded_bn:
         lines.append(f"BN        {len(result.folded_bn)} BatchNormalization folded into convs")
     lines.append(f"layers    {len(rep.converted)} converted to DSConv, {len(rep.kept)} kept in fp32")
-    hdr = (f"  {'layer':<28} {'weight':<16} {'status':<8} {'bits':<4} {'input':<9} {'SQNR dB':>8} {'fp32':>9} "
-           f"{'deployed':>9}  note")
+    hdr = (f"  {'layer':<28} {'weight':<16} {'status':<8} {'input':<9} {'SQNR dB':>8} {'fp32':>9} "
+           f"{'deployed':>9} {'bits':>4}  note")
     lines.append(hdr)
     for layer in rep.layers:
         shape = "x".join(str(d) for d in layer.weight_shape)
@@ -61,8 +61,8 @@ def format_summary(result) -> str:
         if layer.converted and result.tuned_functions:
             note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer, result) else "[default]")
         wbits = f"W{layer.bits}" if layer.converted else "-"
-        lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {wbits:<4} {mant:<9} {sq} "
-                     f"{fmt_bytes(layer.fp32_bytes):>9} {fmt_bytes(layer.deployed_bytes):>9}  {note}")
+        lines.append(f"  {layer.name[:28]:<28} {shape:<16} {status:<8} {mant:<9} {sq} "
+                     f"{fmt_bytes(layer.fp32_bytes):>9} {fmt_bytes(layer.deployed_bytes):>9} {wbits:>4}  {note}")
     fp32 = sum(layer.fp32_bytes for layer in rep.layers)
     dep = sum(layer.deployed_bytes for layer in rep.layers)
     conv_fp32 = sum(layer.fp32_bytes for layer in rep.converted)
