@@ -8,7 +8,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import layer_params, pack_weights, unpack_weights
 from dsconv_tvm.scheme.geometry import ConvGeometry
