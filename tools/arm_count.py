@@ -270,6 +270,14 @@ def prepare_model(model: str, n_images: int, seed: int):
             Path(model).resolve() == (REPO / "models" / f"{stem}.onnx").resolve():
         return bench_models.prepare_example(stem, n_images)
     bm = bench_models.prepare(model, n_images, seed, log=log)
+    if bm is None and model == "mobilenet_v2":
+        # tools/imagenet_models.py needs torch for the real weights: MobileNetV2's architecture
+        # with seeded weights instead (the instruction count depends on the shapes, not the values)
+        import mobilenet_v2_arch
+
+        bm = bench_models.BenchModel("mobilenet_v2", mobilenet_v2_arch.ensure(seed, log=log),
+                                     bench_models.synthetic_images(n_images, seed=seed),
+                                     "MobileNetV2 architecture, seeded He-normal weights, BN calibrated")
     if bm is None:
         raise ArmCountError(f"model {model} is not available (see the message above)")
     return bm
@@ -365,6 +373,30 @@ def _per_k(d: dict, k: int) -> dict:
     return {n: int(round(v / k)) for n, v in sorted(d.items(), key=lambda kv: -kv[1])}
 
 
+def layer_macs(path: str) -> dict[str, int]:
+    """Multiply-accumulates of every Conv / Gemm node of an ONNX model (by node name), from ONNX
+    shape inference (the model's inputs must be static)."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(path))
+    g = model.graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*g.value_info, *g.output, *g.input)}
+    inits = {i.name: i.dims for i in g.initializer}
+    out = {}
+    for n in g.node:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] in inits and n.output[0] in shapes:
+            w = list(inits[n.input[1]])
+            y = shapes[n.output[0]]
+            batch = y[0] if y and y[0] else 1          # a symbolic batch runs as 1
+            if n.op_type == "Conv" and len(y) == 4 and y[2] and y[3]:
+                out[n.name] = int(np.prod(w)) * y[2] * y[3] * batch
+            elif n.op_type == "Gemm":
+                out[n.name] = int(np.prod(w)) * batch
+    return out
+
+
 def host_reference(path: str, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -397,7 +429,7 @@ def count_model(args) -> dict:
     ref = host_reference(bm.path, x)
     compile_args = ["--bits", str(args.bits), "--block", str(args.block), "--mantissa", str(args.mantissa),
                     "--dense", args.dense, "--first-layer", args.first_layer, *args.compile_arg]
-    result = {"model": bm.name, "model_file": Path(bm.path).name, "cpu": cpu, "target": target,
+    result = {"model": bm.name, "model_file": Path(bm.path).name, "weights": bm.source, "cpu": cpu, "target": target,
               "config": {"bits": args.bits, "block": args.block, "mantissa": args.mantissa,
                          "dense": args.dense, "first_layer": args.first_layer,
                          "extra": list(args.compile_arg)},
@@ -422,6 +454,20 @@ def count_model(args) -> dict:
                                  plugin=plugin, sysroot=sysroot, timeout=args.timeout, work=work,
                                  keep_dir=args.keep_dir)
             res["output_check"] = output_check(ref, y)
+            if variant == "dsconv":
+                try:
+                    macs = layer_macs(bm.path)
+                except Exception:  # noqa: BLE001  (dynamic shapes: no MAC counts)
+                    macs = {}
+                per_mac = {}
+                for kname, n in res["per_layer"].items():
+                    layer = kname[len("dsconv_"):] if kname.startswith("dsconv_") else None
+                    calls = res["calls_per_inference"].get(kname, 0)
+                    if layer in macs and calls:
+                        per_mac[kname] = {"macs": macs[layer] * calls,
+                                          "instructions_per_mac": round(n / (macs[layer] * calls), 4)}
+                res["per_layer_macs"] = per_mac
+                res["model_macs"] = int(sum(macs.values()))
             res.update(extra)
             result["variants"][variant] = res
             log(f"  {res['instructions']:,} instructions/inference ({res['emulation_seconds']} s emulated)")
