@@ -134,27 +134,26 @@ def build_plugin(cache: Path) -> Path:
 def cpu_sysroot(board, cpu: str, cache: Path) -> Path:
     """A sysroot for ``qemu -L``: links to the board's root plus a /proc/cpuinfo of ``cpu``."""
     feats, variant, part, rev = CPUINFO[cpu]
-    root = cache / "arm-count" / f"sysroot-{cpu}-{_sha(str(board.root), n=8)}"
+    entries = sorted(e.name for e in board.root.iterdir())
+    root = cache / "arm-count" / f"sysroot-{cpu}-{_sha(str(board.root), *entries, n=8)}"
     text = "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {feats}\n"
                    f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: {variant}\n"
                    f"CPU part\t: {part}\nCPU revision\t: {rev}\n\n" for i in range(4))
     if (root / "proc" / "cpuinfo").is_file() and (root / "proc" / "cpuinfo").read_text() == text:
         return root
-    tmp = Path(tempfile.mkdtemp(prefix=".sysroot-", dir=root.parent if root.parent.exists()
-                                else _mk(root.parent)))
-    for entry in board.root.iterdir():
-        (tmp / entry.name).symlink_to(entry.resolve())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sysroot-", dir=root.parent))
+    for name in entries:
+        (tmp / name).symlink_to((board.root / name).resolve())
     (tmp / "proc").mkdir()
     (tmp / "proc" / "cpuinfo").write_text(text)
-    if root.exists():
-        shutil.rmtree(root, ignore_errors=True)
-    os.rename(tmp, root)
+    try:
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+        os.rename(tmp, root)
+    except OSError:                    # made by a concurrent run meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def qemu_version(qemu: str) -> str:
@@ -206,7 +205,9 @@ def library_functions(so: Path) -> list[tuple[int, int, str]]:
     funcs = []
     for line in proc.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 4 and parts[2] in "tTwW" and int(parts[1], 16) > 0:
+        # (e843419@... are the linker's erratum veneers, not functions)
+        if len(parts) == 4 and parts[2] in "tTwW" and int(parts[1], 16) > 0 \
+                and not parts[3].startswith("e843419@"):
             funcs.append((int(parts[0], 16), int(parts[1], 16), parts[3]))
     return sorted(funcs)
 
@@ -377,7 +378,7 @@ def layer_macs(path: str) -> dict[str, int]:
     """Multiply-accumulates of every Conv / Gemm node of an ONNX model (by node name), from ONNX
     shape inference (the model's inputs must be static)."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     model = shape_inference.infer_shapes(onnx.load(path))
     g = model.graph

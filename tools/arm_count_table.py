@@ -35,7 +35,9 @@ def rows(paths):
             gtxt = ""
         macs = v["dsconv"].get("model_macs")
         out.append((r["model"], r["cpu"], d, i8, f32, d / i8, d / f32, 1 - lib / d, macs, gtxt))
-    return out
+    order = ["resnet50", "mobilenet_v2", "resnet20", "vgg_small", "mobilenet_small"]
+    return sorted(out, key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[0],
+                                      r[1] != "cortex-a76"))
 
 
 def markdown(paths) -> str:

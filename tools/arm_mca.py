@@ -20,7 +20,7 @@ int8 peak:
 * Cortex-A72 (no dot product): the widening multiply ``smull``/``smull2`` (8 MACs into .8h) issues on
   one ASIMD pipe and the ``sadalp`` that accumulates it into int32 on the other, one each per cycle
   in llvm-mca's model, so 8 MACs/cycle: 8 cycles per 64 MACs.  (Both peaks are measured by this
-  tool on a stream of independent instructions with the same model: ``--peak``.)
+  tool with the same model on streams of independent instructions: ``PEAK_SNIPPETS``.)
 
 What this cannot show: cache misses and memory bandwidth (every load is assumed to hit), the loop's
 surroundings (the per-block float rescale outside it, the activation quantization pass), and

@@ -94,7 +94,7 @@ def test_attribution_splits_by_object_and_function():
               (0x1400, 2, 1),     # dsconv_b
               (0x5010, 9, 1),     # libc
               (0x9000, 1, 4)]     # unmapped
-    by_obj, per_fn, calls = tool.attribute(blocks, maps, "/tmp/libk.so", funcs)
+    by_obj, per_fn, calls = tool.attribute(blocks, maps, "/x/libk.so", funcs)
     assert by_obj == {"libk.so": 12 + 50 + 14 + 2, "libc.so.6": 9, "[anonymous]": 4}
     assert per_fn == {"dsconv_a": 12 + 50 + 14, "dsconv_b": 2}
     assert calls == {"dsconv_a": 3}
