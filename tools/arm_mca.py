@@ -60,6 +60,44 @@ PEAK_SNIPPETS = {
 }
 
 
+def _proposal_a76() -> tuple[str, int]:
+    """One 4-deep k-step of an 8 output channels x 12 pixels tile with the by-element sdot:
+    24 int32x4 accumulators (v8-v31), 32 packed nibbles unpacked into 2 weight registers, 12
+    pixels x 4 input channels in 3 registers (activations laid out [pixel 4][ic 4] per register)."""
+    lines = ["ldr q0, [x0], #16", "ld1 {v1.16b, v2.16b, v3.16b}, [x1], #48",
+             "and v4.16b, v0.16b, v6.16b", "ushr v5.16b, v0.16b, #4"]
+    acc = 8
+    for a in (1, 2, 3):
+        for lane in range(4):
+            for w in (4, 5):
+                lines.append(f"sdot v{acc}.4s, v{w}.16b, v{a}.4b[{lane}]")
+                acc += 1
+    return "\n".join(lines) + "\n", 24 * 16
+
+
+def _proposal_a72() -> tuple[str, int]:
+    """One 8-deep k-step of an 8 output channels x 4 pixels tile without dot product: 64 packed
+    nibbles unpacked once for 4 pixels; per pixel one ld4r (four 4-byte broadcasts), the products
+    of two nibbles in int16 (smull + smlal, and smull2/smlal2 on the high halves instead of moving
+    them through a general register), addp, sadalp into int32."""
+    lines = ["ldp q0, q1, [x0], #32", "and v2.16b, v0.16b, v30.16b", "ushr v3.16b, v0.16b, #4",
+             "and v4.16b, v1.16b, v30.16b", "ushr v5.16b, v1.16b, #4"]
+    for p in range(4):
+        lines += [f"ld4r {{v6.4s, v7.4s, v8.4s, v9.4s}}, [x{2 + p}], #16",
+                  "smull v10.8h, v2.8b, v6.8b", "smlal v10.8h, v3.8b, v7.8b",
+                  "smull2 v11.8h, v2.16b, v6.16b", "smlal2 v11.8h, v3.16b, v7.16b",
+                  "smull v12.8h, v4.8b, v8.8b", "smlal v12.8h, v5.8b, v9.8b",
+                  "smull2 v13.8h, v4.16b, v8.16b", "smlal2 v13.8h, v5.16b, v9.16b",
+                  "addp v10.8h, v10.8h, v11.8h", "addp v12.8h, v12.8h, v13.8h",
+                  f"sadalp v{16 + 2 * p}.4s, v10.8h", f"sadalp v{17 + 2 * p}.4s, v12.8h"]
+    return "\n".join(lines) + "\n", 4 * 8 * 8
+
+
+# instruction sequences the ARM kernels could use (cost of the instruction mix under the same
+# llvm-mca model; not a verified kernel): --proposals
+PROPOSALS = {"cortex-a76": _proposal_a76, "cortex-a72": _proposal_a72}
+
+
 class McaError(RuntimeError):
     pass
 
@@ -199,6 +237,21 @@ def peak(cpu: str) -> dict:
             "snippet": body.strip().splitlines()[:4]}
 
 
+def proposals(cpus) -> dict:
+    out = {}
+    for cpu in cpus:
+        body, macs = PROPOSALS[cpu]()
+        r = run_mca(body, cpu)
+        n = len(body.strip().splitlines())
+        cyc = 64 * r["cycles_per_iteration"] / macs
+        out[cpu] = {"description": " ".join(PROPOSALS[cpu].__doc__.split()), "instructions": n,
+                    "macs": macs, "instructions_per_64_macs": round(64 * n / macs, 2),
+                    "cycles_per_64_macs": round(cyc, 3), "bottleneck": r["bottleneck"],
+                    "fraction_of_peak": round(peak(cpu)["cycles_per_64_macs"] / cyc, 3),
+                    "body": body.strip().splitlines()}
+    return out
+
+
 def mix(loop) -> dict:
     """Instruction classes of a loop body."""
     cls = {"mac": 0, "load": 0, "store": 0, "nibble_unpack": 0, "broadcast": 0, "float": 0,
@@ -293,6 +346,8 @@ def main(argv=None) -> int:
                                                   "analyse the kernels with the most instructions first")
     p.add_argument("--kernels", type=int, default=4, help="how many kernels (default 4)")
     p.add_argument("--show-loop", action="store_true", help="include the loop's disassembly")
+    p.add_argument("--proposals", action="store_true",
+                   help="also analyse the instruction sequences proposed for the ARM kernels")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     order = None
@@ -305,6 +360,12 @@ def main(argv=None) -> int:
         print(f"arm_mca: error: {exc}", file=sys.stderr)
         return 2
     print(table(res, a.cpu))
+    if a.proposals:
+        res["proposals"] = proposals(a.cpu)
+        for cpu, r in res["proposals"].items():
+            print(f"  proposed {cpu} sequence: {r['instructions_per_64_macs']} instructions and "
+                  f"{r['cycles_per_64_macs']} cycles per 64 MACs ({r['fraction_of_peak']:.2f} of peak, "
+                  f"bottleneck {r['bottleneck']})")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {a.json}")
