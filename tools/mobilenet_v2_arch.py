@@ -80,6 +80,8 @@ def build_graph():
     w = const(np.zeros((1000, 1280)), "fc_w")
     b = const(np.zeros(1000), "fc_b")
     nodes.append(helper.make_node("Gemm", [f, w, b], ["logits"], transB=1))
+    for node in nodes:
+        node.name = node.output[0]
     graph = helper.make_graph(nodes, "mobilenet_v2",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],

@@ -123,3 +123,24 @@ def test_resnet20_dsconv_count_on_emulated_a76_is_unchanged(plugin, tmp_path):
     assert change >= -TOLERANCE, (
         f"ResNet-20 got faster: {got['instructions']:,} instructions vs the committed {want:,} "
         f"({100 * change:+.1f} %); update {CI_JSON.name} with tools/arm_count.py (see docs/arm.md)")
+
+
+def test_mobilenet_v2_architecture_has_the_published_size(tmp_path):
+    """tools/mobilenet_v2_arch.py (used when torch is missing) has MobileNetV2's 52 convs + 1 Gemm,
+    300.8 M multiply-adds (the paper's 300 M; exactly the torchvision export's count) and 3.5 M
+    weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import mobilenet_v2_arch
+
+    model = mobilenet_v2_arch.build_graph()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    macs = _tool().layer_macs(str(path))
+    assert len(macs) == 53
+    assert sum(macs.values()) == 300_774_272
+    weights = sum(numpy_helper.to_array(i).size for i in model.graph.initializer
+                  if i.name.startswith(("conv_w", "fc_w")))
+    assert weights == 3_469_760
