@@ -415,9 +415,26 @@ def output_check(ref: np.ndarray, y: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+def check_target(target: str, cpu: str) -> None:
+    """A library for ``target`` must run on ``cpu``: aarch64, and no dot product on the A72."""
+    spec_file = REPO / "targets" / f"{target}.json"
+    if not spec_file.is_file():
+        return                                  # a target the compiler knows otherwise: let it say
+    spec = json.loads(spec_file.read_text())
+    tvm_target = spec.get("tvm_target", {})
+    triple = tvm_target.get("mtriple") or tvm_target.get("host", {}).get("mtriple", "")
+    if not str(triple).startswith("aarch64"):
+        raise ArmCountError(f"target {target} is not a 64-bit ARM target (mtriple {triple!r}); "
+                            f"use rpi5, rpi4 or arm")
+    if cpu == "cortex-a72" and "dotprod" in spec.get("features", []):
+        raise ArmCountError(f"target {target} uses the dot-product instructions, which the "
+                            f"Cortex-A72 lacks; use --target rpi4 (or arm)")
+
+
 def count_model(args) -> dict:
     cpu = args.cpu
     target = args.target or CPUS[cpu]
+    check_target(target, cpu)
     cache = cache_dir(args.cache)
     find_qemu()
     plugin = build_plugin(cache)

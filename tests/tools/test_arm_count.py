@@ -144,3 +144,14 @@ def test_mobilenet_v2_architecture_has_the_published_size(tmp_path):
     weights = sum(numpy_helper.to_array(i).size for i in model.graph.initializer
                   if i.name.startswith(("conv_w", "fc_w")))
     assert weights == 3_469_760
+
+
+def test_target_must_run_on_the_emulated_core():
+    tool = _tool()
+    tool.check_target("rpi5", "cortex-a76")
+    tool.check_target("rpi4", "cortex-a72")
+    tool.check_target("arm", "cortex-a72")
+    with pytest.raises(tool.ArmCountError, match="dot-product"):
+        tool.check_target("rpi5", "cortex-a72")
+    with pytest.raises(tool.ArmCountError, match="not a 64-bit ARM"):
+        tool.check_target("x86", "cortex-a76")
