@@ -367,7 +367,58 @@ def guest_count(kind: str, model_file: Path, x: np.ndarray, cpu: str, k: int, *,
     if kind == "dsconv":
         res["per_layer"] = _per_k(per_fn, k)
         res["calls_per_inference"] = {n: c // k for n, c in sorted(calls.items())}
+        res["library_block_kinds"] = _per_k(library_block_kinds(blocks, maps, model_file), k)
+        res["runtime_calls_per_inference"] = _per_k(runtime_calls(blocks, maps), k)
     return res, y
+
+
+MAC_MNEMONICS = {"sdot", "udot", "smull", "smull2", "smlal", "smlal2", "umull", "umull2",
+                 "umlal", "umlal2"}
+QUANT_MNEMONICS = {"fabs", "fmax", "fmaxv", "fmaxp", "fmaxnm", "fmaxnmv", "fmaxnmp", "fcvtzs",
+                   "fcvtns", "fcvtas", "fcvtms", "frintn", "frinta"}
+
+
+def library_block_kinds(blocks, maps, so: Path) -> dict[str, int]:
+    """Instructions of the library's executed blocks by what the block contains: integer MACs
+    (sdot/smull/smlal...), else activation-quantization operations (fabs/fmax/fcvt*/frint*), else
+    anything else (rescale epilogues, padding, fp32 layers, loop control)."""
+    objdump = shutil.which("aarch64-linux-gnu-objdump") or shutil.which("objdump")
+    proc = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(so)], capture_output=True,
+                          text=True, timeout=300)
+    mn = {int(m.group(1), 16): m.group(2)
+          for m in re.finditer(r"^\s*([0-9a-f]+):\s+(\S+)", proc.stdout, re.M)}
+    own = [m for m in maps if os.path.basename(m[3]) == so.name]
+    if not own:
+        return {}
+    base = min(m[0] - m[2] for m in own)
+    lo, hi = min(m[0] for m in own), max(m[1] for m in own)
+    kinds = {"mac_blocks": 0, "quantization_blocks": 0, "other_blocks": 0}
+    for vaddr, n, count in blocks:
+        if not lo <= vaddr < hi:
+            continue
+        ops = {mn.get(vaddr - base + 4 * i) for i in range(n)}
+        kind = ("mac_blocks" if ops & MAC_MNEMONICS else
+                "quantization_blocks" if ops & QUANT_MNEMONICS else "other_blocks")
+        kinds[kind] += n * count
+    return kinds
+
+
+def runtime_calls(blocks, maps, names=("TVMBackendAllocWorkspace", "TVMBackendParallelLaunch")) -> dict:
+    """How often the runtime functions ``names`` of libtvm_runtime.so were entered."""
+    own = [m for m in maps if os.path.basename(m[3]) == "libtvm_runtime.so"]
+    if not own or not os.path.isfile(own[0][3]):
+        return {}
+    base = min(m[0] - m[2] for m in own)
+    nm = shutil.which("aarch64-linux-gnu-nm") or shutil.which("nm")
+    out = subprocess.run([nm, "-D", "--defined-only", own[0][3]], capture_output=True, text=True,
+                         timeout=120).stdout
+    addr = {p[2]: int(p[0], 16) for p in (line.split() for line in out.splitlines()) if len(p) == 3}
+    entries = {base + addr[n]: n for n in names if n in addr}
+    res = dict.fromkeys(entries.values(), 0)
+    for vaddr, _, count in blocks:
+        if vaddr in entries:
+            res[entries[vaddr]] += count
+    return res
 
 
 def _per_k(d: dict, k: int) -> dict:
@@ -517,6 +568,13 @@ def table(result: dict) -> str:
             lines.append(f"    {name:<44} {n:>14,} {100 * n / tot:5.1f} %" + (f"  x{calls}" if calls else ""))
         rest = tot - sum(v["dsconv"]["per_layer"].values())
         lines.append(f"    {'(outside the library: VM, runtime, python)':<44} {rest:>14,} {100 * rest / tot:5.1f} %")
+        kinds = v["dsconv"].get("library_block_kinds", {})
+        if kinds:
+            lines.append("  the library's blocks: " + ", ".join(
+                f"{k.replace('_', ' ')} {n:,} ({100 * n / tot:.1f} %)" for k, n in kinds.items()))
+        rc = v["dsconv"].get("runtime_calls_per_inference", {})
+        if rc:
+            lines.append("  runtime calls per inference: " + ", ".join(f"{k} {n:,}" for k, n in rc.items()))
     return "\n".join(lines)
 
 
