@@ -93,6 +93,11 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     if unknown:
         raise ModelError(f"{model_path}: --skip {' '.join(unknown)}: no Conv node of that name; the Conv "
                          f"nodes are: {', '.join(loaded.conv_names) or '(none)'}")
+    unknown = [name for name in config.layer_bits
+               if name not in loaded.conv_names and not (config.dense == "dsconv" and name.startswith("dense"))]
+    if unknown:
+        raise ModelError(f"{model_path}: layer_bits names {', '.join(unknown)}: no Conv node of that name; the "
+                         f"Conv nodes are: {', '.join(loaded.conv_names) or '(none)'}")
     log(f"loaded {model_path}: inputs {loaded.input_shapes}, {len(loaded.conv_names)} Conv nodes, "
         f"{len(loaded.folded_bn)} BatchNormalization folded")
     fp32_mod, _ = build_relax(loaded, None)

@@ -12,7 +12,7 @@ from dsconv_tvm.accuracy.mixed import allocate, choose_bits
 from dsconv_tvm.backends.cpu.layout import pack_weights, unpack_weights
 from dsconv_tvm.cli import main as cli
 from dsconv_tvm.config import DSConvConfig
-from dsconv_tvm.errors import ConfigError
+from dsconv_tvm.errors import ConfigError, ModelError
 from dsconv_tvm.frontend.onnx import load_onnx
 from dsconv_tvm.scheme.weights import quantize_weight
 
@@ -71,6 +71,8 @@ def test_choose_bits_respects_the_budget_as_compiled(tmp_path, with_data):
     assert {la.name: la.bits for la in res.report.converted} == a.layer_bits
     with pytest.raises(ConfigError, match="below the smallest"):
         choose_bits(path, cfg, 0.01, x)
+    with pytest.raises(ModelError, match="no Conv node"):
+        compile_model(path, "x86", str(tmp_path / "n.so"), cfg.replace(layer_bits={"nope": 8}), check=False)
 
 
 def test_per_layer_bits_round_trip_through_packing_kernels_and_reference(tmp_path):
