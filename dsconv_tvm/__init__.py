@@ -22,6 +22,8 @@ name                     what it is
 ``bench_remote``
 ``evaluate``             fp32 vs the compiled DSConv model on data (``accuracy.evaluate``)
 ``adapt_model``          unlabelled layer-wise adaptation of the KDS scales (``accuracy.adapt``)
+``choose_bits``          mixed precision: per-layer bits by sensitivity under a byte budget, for
+                         ``DSConvConfig.layer_bits`` (``accuracy.mixed``)
 ``quantize_weight``      VQK + KDS quantization of one weight tensor (``scheme.weights``)
 ``dsconv2d``             the numpy DSConv forward, the reference of the kernels (``scheme.reference``)
 ``DSConvError``          the base of every one-line user error (``errors``)
@@ -51,6 +53,7 @@ _API = {
     "bench_remote": "remote.bench",
     "evaluate": "accuracy.evaluate",
     "adapt_model": "accuracy.adapt",
+    "choose_bits": "accuracy.mixed",
     "quantize_weight": "scheme.weights",
     "dsconv2d": "scheme.reference",
     "DSConvError": "errors",
