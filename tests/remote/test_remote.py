@@ -5,7 +5,6 @@ board, session timeout), and the ``tracker`` / ``board-server`` verbs."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dsconv_tvm.cli import main as cli
 from dsconv_tvm.remote import processes
+from dsconv_tvm.remote.processes import popen_child
 from dsconv_tvm.remote import tracker as tracker_protocol
 from dsconv_tvm.execute.runner import predict
 
@@ -115,7 +115,7 @@ class _Board:
     def __init__(self, tracker, key, tmp):
         self.key, self.port, self.tracker = key, free_port(), tracker
         self.log = Path(tmp) / f"board-{key}.log"
-        self.proc = subprocess.Popen(
+        self.proc = popen_child(
             [*CLI, "board-server", "--tracker", tracker.address, "--key", key, "--port", str(self.port)],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(REPO))
@@ -146,7 +146,7 @@ def x86_board(rpc_tracker, tmp_path_factory):
 
 def _start_bench(argv, tmp_path):
     out, err = tmp_path / "bench.out", tmp_path / "bench.err"
-    proc = subprocess.Popen([*CLI, "bench", *map(str, argv)], stdout=open(out, "w"),
+    proc = popen_child([*CLI, "bench", *map(str, argv)], stdout=open(out, "w"),
                             stderr=open(err, "w"), stdin=subprocess.DEVNULL, cwd=str(REPO))
     return proc, out, err
 
@@ -260,18 +260,12 @@ def test_unknown_key_fails_within_timeout(rpc_tracker, x86_board, libs):
 
 
 def test_busy_board_gives_up_after_timeout(rpc_tracker, x86_board, libs):
-    from tvm import rpc
-
     # hold the only board with that key (the board ends this session by itself after 8 s)
-    held = rpc.connect_tracker("127.0.0.1", rpc_tracker.port).request(x86_board.key, session_timeout=8)
-    try:
+    with tracker_protocol.board_session(rpc_tracker.address, x86_board.key, timeout=30, session_timeout=8):
         t0 = time.time()
         rc, _out, err = _cli_call("bench", libs["x86"], "--tracker", rpc_tracker.address, "--key",
                                   x86_board.key, "--timeout", 4)
         elapsed = time.time() - t0
-    finally:
-        del held
-        gc.collect()
     assert rc == 2 and elapsed < 4 + 8, elapsed
     assert "all are busy" in _error_line(err)
     assert not _bench_workers(os.getpid())
@@ -398,7 +392,7 @@ def _tree_pids(proc):
 def test_tracker_and_board_server_verbs(tmp_path):
     tport, sport = free_port(), free_port()
     tlog, slog = tmp_path / "tracker.log", tmp_path / "server.log"
-    tracker = subprocess.Popen([*CLI, "tracker", "--port", str(tport)], stdout=open(tlog, "w"),
+    tracker = popen_child([*CLI, "tracker", "--port", str(tport)], stdout=open(tlog, "w"),
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
                                start_new_session=True)
     server = None
@@ -408,7 +402,7 @@ def test_tracker_and_board_server_verbs(tmp_path):
         tpids = _tree_pids(tracker)
         assert _listening(tpids, tport) == ["127.0.0.1"]
 
-        server = subprocess.Popen([*CLI, "board-server", "--tracker", f"127.0.0.1:{tport}", "--key",
+        server = popen_child([*CLI, "board-server", "--tracker", f"127.0.0.1:{tport}", "--key",
                                    "verb-test", "--port", str(sport)], stdout=open(slog, "w"),
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
                                   start_new_session=True)
