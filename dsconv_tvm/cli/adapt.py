@@ -32,7 +32,8 @@ def cmd_adapt(args) -> int:
     from ..accuracy.adapt import adapt_model, format_adapt
 
     config = config_from_args(args)
-    check_output_path(args.output)
+    check_output_path(args.output, inputs=[args.model, getattr(args, "images", None),
+                                           getattr(args, "inputs", None)])
     limit = args.limit
     if args.data:
         from ..accuracy.datasets import load_fashion_mnist_images

@@ -40,7 +40,7 @@ def cmd_eval(args) -> int:
 
     config = config_from_args(args)
     if args.json:
-        check_output_path(args.json)
+        check_output_path(args.json, inputs=[args.model, args.reference])
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be >= 1")
     labels = None

@@ -22,7 +22,7 @@ from ..pipeline import relax_pipeline
 from ..rewrite.dsconv_rewrite import DSConvRewrite
 from ..rewrite.report import ConversionReport
 from ..target import HOST_TARGET, TargetSpec, get_target
-from .database import find_database
+from .database import DB_FILES, find_database
 
 
 def build_relax(loaded: LoadedModel, config: DSConvConfig | None, spec: TargetSpec | None = None):
@@ -86,7 +86,8 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     t0 = time.time()
     spec = get_target(target)
     spec.check_toolchain()
-    check_output_path(output)
+    # a shared library: TVM's loader treats other names specially (.tar is unpacked with tar, ...)
+    check_output_path(output, inputs=[model_path, *_database_files(tuning_db)], suffixes=[".so"])
     loaded = load_onnx(model_path, input_shapes)
     unknown = [name for name in config.skip if name not in loaded.conv_names]
     if unknown:
@@ -109,6 +110,12 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
         result.agreement = _agreement(loaded, spec, output, mod, fp32_mod, config)
     result.seconds = time.time() - t0
     return result
+
+
+def _database_files(tuning_db: str | None) -> list[str]:
+    if not tuning_db:
+        return []
+    return [tuning_db] + [os.path.join(tuning_db, f) for f in DB_FILES]
 
 
 def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod,
