@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..backends.base import backend_for
 from ..config import DSConvConfig
-from ..errors import ModelError
+from ..errors import DSConvError, ModelError
 from ..execute.compare import Agreement, compare_outputs
 from ..execute.runner import run_executable, sample_inputs
 from ..fileio import check_output_path
@@ -40,7 +40,15 @@ def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig, spec: Ta
 
     backend = backend_for(spec.tvm_target()) if spec is not None else None
     rewrite = DSConvRewrite(config, loaded.conv_names, backend)
-    return rewrite(fp32_mod), rewrite.report
+    try:
+        return rewrite(fp32_mod), rewrite.report
+    except DSConvError:
+        raise
+    except Exception:
+        error = getattr(rewrite, "error", None)     # ours, raised inside the pass (through TVM's FFI)
+        if isinstance(error, DSConvError):
+            raise error from None
+        raise
 
 
 def with_input_shapes(mod, loaded: LoadedModel):

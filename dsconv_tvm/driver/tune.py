@@ -24,6 +24,7 @@ from ..frontend.onnx import load_onnx
 from ..remote.tracker import RemoteError, parse_address, registered_keys, tracker_summary
 from ..target import get_target
 from .compile import build_relax, rewrite_dsconv
+from .database import repair_database
 
 
 @dataclass
@@ -190,6 +191,12 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     os.makedirs(work_dir, exist_ok=True)
     if not os.access(work_dir, os.W_OK):
         raise OutputError(f"cannot write the tuning database to {work_dir}")
+    # a damaged line (a half-written record of a killed run) would make the whole database
+    # unreadable, and a record appended after it would be damaged too: remove it first
+    removed = repair_database(work_dir)
+    if removed:
+        log(f"warning: tuning database {work_dir}: removed {removed} damaged line"
+            f"{'s' if removed > 1 else ''} (half-written records of an interrupted run)")
     target = spec.tvm_target()
     backend = backend_for(target)
     import_cpu_tensor_intrinsics()
@@ -239,4 +246,6 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                           task_scheduler="gradient")
     finally:
         result.seconds = time.time() - t0
+        # every record measured so far stays valid, even when interrupted in the middle of a write
+        repair_database(work_dir)
     return result
