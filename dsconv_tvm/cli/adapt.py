@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
 
 def cmd_adapt(args) -> int:
     from ..accuracy.adapt import adapt_model, format_adapt
+    from ..accuracy.probes import require_onnxruntime
 
+    require_onnxruntime()
     config = config_from_args(args)
     check_output_path(args.output, inputs=[args.model, getattr(args, "images", None),
                                            getattr(args, "inputs", None)])
