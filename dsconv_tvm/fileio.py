@@ -8,7 +8,7 @@ import contextlib
 import os
 import tempfile
 
-from .errors import OutputError
+from .errors import OutputError, check_interrupted
 
 
 def same_file(a: str, b: str) -> bool:
@@ -63,6 +63,7 @@ def atomic_path(path: str, suffix: str = "", mode: int = 0o666):
     try:
         yield tmp
         _chmod_like_new_file(tmp, mode)
+        check_interrupted()              # nothing is committed after Ctrl-C / SIGTERM
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

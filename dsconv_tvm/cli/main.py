@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from .. import __version__
-from ..errors import DSConvError
+from ..errors import DEFER_INTERRUPTS, PENDING_SIGNAL, DSConvError, Interrupted
 from . import adapt, bench, run, services, targets, tune
 from . import compile as compile_verb
 from . import eval as eval_verb
@@ -46,14 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 _PRIVATE_TMP_VERBS = ("compile", "tune", "eval", "adapt")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived (``signum``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _install_signal_handlers(state: dict) -> dict:
     """SIGINT / SIGTERM raise :class:`Interrupted` once; a second one during the clean-up is
     ignored (so that removing temporary files is not cut short).  ``state["signum"]`` records it:
@@ -63,7 +55,9 @@ def _install_signal_handlers(state: dict) -> dict:
         if state.get("signum"):
             return
         state["signum"] = signum
-        raise Interrupted(signum)
+        PENDING_SIGNAL[:] = [signum]
+        if not DEFER_INTERRUPTS:         # else raised at the next check_interrupted()
+            raise Interrupted(signum)
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -107,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001  (mapped to one line and an exit code below)
         signum = state.get("signum") or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
         if signum:
+            # TVM's worker pools, torn down by the interrupt, may complain in __del__ at exit
+            # ("Exception ignored in ..."): the one line below is what the user gets
+            sys.unraisablehook = lambda _u: None
             note = getattr(args, "interrupt_note", None)
             print(f"dsconv-tvm {args.verb}: interrupted ({signal.Signals(signum).name})"
                   + (f"; {note()}" if note else ""), file=sys.stderr)
@@ -118,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+        PENDING_SIGNAL.clear()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import OutputError, check_interrupted
 from ..target import get_target
 from .runtime import (
     LIBRARIES,
@@ -78,6 +78,7 @@ class BundlePlan:
         try:
             self._fill(tmp, Path(so_path), input_shapes)
             os.chmod(tmp, 0o755)
+            check_interrupted()
             if out.exists() and _non_empty(out):
                 if not self.force:
                     raise OutputError(f"--bundle {out}: the directory is not empty "

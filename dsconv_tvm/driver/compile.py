@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..backends.base import backend_for
 from ..config import DSConvConfig
-from ..errors import DSConvError, ModelError
+from ..errors import DSConvError, ModelError, check_interrupted
 from ..execute.compare import Agreement, compare_outputs
 from ..execute.runner import run_executable, sample_inputs
 from ..fileio import check_output_path
@@ -109,6 +109,7 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     database, where = find_database(spec.name, tuning_db)
     tuned: list[str] = []
     ex = build(mod, spec, database, tuned)
+    check_interrupted()                  # an interrupt TVM turned into an error and a fallback caught
     spec.export_library(ex, output)
     result = CompileResult(output, spec.name, config, report, loaded.input_shapes, loaded.folded_bn,
                            time.time() - t0, schedules=where, tuned_functions=tuned)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..backends.base import backend_for
 from ..backends.common import import_cpu_tensor_intrinsics, is_dsconv
 from ..config import DSConvConfig
-from ..errors import OutputError, TargetError
+from ..errors import DEFER_INTERRUPTS, OutputError, TargetError, check_interrupted
 from ..frontend.onnx import load_onnx
 from ..remote.tracker import RemoteError, parse_address, registered_keys, tracker_summary
 from ..target import get_target
@@ -84,6 +84,7 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            check_interrupted()           # a deferred Ctrl-C / SIGTERM ends the tuning here
             self.trials += len(runner_results)
             for b, res in zip(builder_results, runner_results):
                 err = b.error_msg or res.error_msg
@@ -238,13 +239,18 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                  _progress_callback([float(w) for w in weights], trials, result, stream, t0)]
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
+    DEFER_INTERRUPTS.append(True)      # see errors.DEFER_INTERRUPTS; raised in Progress.apply
     try:
         with target:            # the DSConv search space (schedule.py) reads the target
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
                           num_trials_per_iter=trials_per_iter, builder=builder, runner=runner,
                           database=database, cost_model=cost_model, measure_callbacks=callbacks,
                           task_scheduler="gradient")
+    except Exception:
+        check_interrupted()               # the interrupt raised in the callback, through TVM
+        raise
     finally:
+        DEFER_INTERRUPTS.pop()
         result.seconds = time.time() - t0
         # every record measured so far stays valid, even when interrupted in the middle of a write
         repair_database(work_dir)
