@@ -28,8 +28,6 @@ def check_output_path(path: str, inputs=(), suffixes=None) -> None:
     input), or if it does not end in one of ``suffixes``."""
     check_output_name(path, inputs, suffixes)
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
@@ -45,6 +43,8 @@ def check_output_name(path: str, inputs=(), suffixes=None) -> None:
         if inp and same_file(path, os.fspath(inp)):
             raise OutputError(f"cannot write {path}: it is the input {inp} (it would be overwritten); "
                               f"choose another output name")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a directory")
     if suffixes and not path.endswith(tuple(suffixes)):
         raise OutputError(f"cannot write {path}: the output must end in {' or '.join(suffixes)}")
 
