@@ -21,7 +21,13 @@ from ..backends.common import import_cpu_tensor_intrinsics, is_dsconv
 from ..config import DSConvConfig
 from ..errors import DEFER_INTERRUPTS, OutputError, TargetError, check_interrupted
 from ..frontend.onnx import load_onnx
-from ..remote.tracker import RemoteError, parse_address, registered_keys, tracker_summary
+from ..remote.tracker import (
+    RemoteError,
+    bounded_create_session,
+    parse_address,
+    registered_keys,
+    tracker_summary,
+)
 from ..target import get_target
 from .compile import build_relax, rewrite_dsconv
 from .database import repair_database
@@ -229,7 +235,8 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         runner = ms.runner.RPCRunner(
             rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                            tracker_key=key, session_timeout_sec=int(timeout)),
-            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host)
+            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host,
+            f_create_session=bounded_create_session)
     else:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator)
     database = ms.database.JSONDatabase(work_dir=work_dir)

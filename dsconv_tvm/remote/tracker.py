@@ -209,3 +209,15 @@ class SessionRef:
     def close(self) -> None:
         self._sess = None
         gc.collect()
+
+
+def bounded_create_session(rpc_config):
+    """MetaSchedule's ``f_create_session`` with a bound: TVM's default asks the tracker with no
+    limit on the wait for a free board; this one gives up after the config's session timeout
+    (the candidate is then recorded as failed, and the tuner goes on)."""
+    from tvm import rpc
+
+    wait = float(rpc_config.session_timeout_sec or 60)
+    bhost, bport, matchkey = request_board(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                                           rpc_config.tracker_key, time.time() + wait)
+    return rpc.connect(bhost, bport, matchkey, session_timeout=rpc_config.session_timeout_sec or 0)
