@@ -97,8 +97,13 @@ def check_qemu() -> str:
 
 def _run(cmd, log, **kw):
     log("  $ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **kw)
+    kw.setdefault("timeout", 3600)      # every wait has a bound (a build under qemu is slow)
+    try:
+        proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, **kw)
+    except subprocess.TimeoutExpired:
+        raise BoardSetupError(f"command did not finish within {kw['timeout']} s: "
+                              f"{' '.join(map(str, cmd))}") from None
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         raise BoardSetupError(f"command failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
