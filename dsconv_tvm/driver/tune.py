@@ -181,7 +181,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
                trials_per_task: int | None = None,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
-               seed: int = 0, log=None, stream=sys.stderr, dsconv: bool = True) -> TuneResult:
+               seed: int = 0, log=None, stream=None, dsconv: bool = True) -> TuneResult:
     """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database).
     ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner.
     ``trials_per_task`` (instead of ``trials``): a budget of that many trials for each task tuned,
@@ -190,6 +190,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from tvm.s_tir import meta_schedule as ms
 
     log = log or (lambda msg: None)
+    stream = stream or sys.stderr          # the stream of the moment, not of import time
     spec = get_target(target_name)
     spec.check_toolchain()
     if tracker is None and not spec.runs_here():

@@ -54,11 +54,11 @@ def popen_child(argv, sig: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, preexec_fn=die_with_parent(sig), **kwargs)
 
 
-def become_subreaper() -> bool:
+def become_subreaper(on: bool = True) -> bool:
     """Make this process the reaper of its orphaned descendants (Linux >= 3.4), so that a
     grandchild whose parent was killed stays in this process's tree (and is found and stopped by
     :func:`kill_process_tree`) instead of moving to init."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return _prctl(_PR_SET_CHILD_SUBREAPER, int(on))
 
 
 _FORK_HOOKED = []
@@ -103,6 +103,37 @@ def kill_process_tree(pid: int, timeout: float = 5.0, include_parent: bool = Tru
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout)
+
+
+class OwnChildren:
+    """The child processes this process starts from now on (and the orphans it adopts as a
+    subreaper): :meth:`kill` ends their trees and leaves alone the children it had before (a
+    service run in-process, e.g. in a test, must not stop its caller's other children)."""
+
+    def __init__(self):
+        import psutil
+
+        self.before = {p.pid for p in psutil.Process().children()}
+
+    def kill(self, timeout: float = 5.0) -> None:
+        import psutil
+
+        for p in psutil.Process().children():
+            if p.pid not in self.before:
+                kill_process_tree(p.pid, timeout=timeout)
+
+    def pids(self) -> list[int]:
+        """Every process of the trees this process started since."""
+        import psutil
+
+        out = []
+        for p in psutil.Process().children():
+            if p.pid not in self.before:
+                try:
+                    out += [p.pid, *(c.pid for c in p.children(recursive=True))]
+                except psutil.NoSuchProcess:
+                    pass
+        return out
 
 
 def listeners_of(port: int, pids) -> list[int]:

@@ -13,6 +13,7 @@ import sys
 import time
 
 from .processes import (
+    OwnChildren,
     Stop,
     become_subreaper,
     forked_children_die_with_parent,
@@ -45,6 +46,7 @@ def run_tracker(args) -> int:
     print(TRACKER_WARNING.format(addr=addr), file=sys.stderr, flush=True)
     tracker = None
     forked_children_die_with_us()            # TVM's tracker process goes when this one is killed
+    own = OwnChildren()
     try:
         with stop_on_signals():
             try:
@@ -67,7 +69,7 @@ def run_tracker(args) -> int:
             except Exception:  # noqa: BLE001  (e.g. bound to an address 127.0.0.1 cannot reach)
                 pass
             tracker.proc = None                   # (TVM's __del__ would try again)
-        kill_process_tree(os.getpid(), include_parent=False)
+        own.kill()
     print("tracker stopped", flush=True)
     return 0
 
@@ -89,6 +91,7 @@ def run_board_server(args) -> int:
     print(SERVER_WARNING.format(addr=f"{args.host}:{args.port}", user=_user()), file=sys.stderr,
           flush=True)
     state = {"server": None}
+    own = OwnChildren()
     # orphans of TVM's server (a session process whose parent was killed) stay in this tree, so
     # that stop() finds them and the port is freed for the restart
     become_subreaper()
@@ -115,13 +118,7 @@ def run_board_server(args) -> int:
 
     def free_port():
         """Kill what of this process's tree still holds the port (a stuck session)."""
-        import psutil
-
-        try:
-            kids = [p.pid for p in psutil.Process().children(recursive=True)]
-        except psutil.NoSuchProcess:
-            kids = []
-        for pid in listeners_of(args.port, kids):
+        for pid in listeners_of(args.port, own.pids()):
             kill_process_tree(pid, timeout=2.0)
 
     def stop():
@@ -131,7 +128,7 @@ def run_board_server(args) -> int:
             except Exception:  # noqa: BLE001
                 pass
             state["server"] = None
-        kill_process_tree(os.getpid(), include_parent=False)
+        own.kill()
 
     try:
         with stop_on_signals():
@@ -180,5 +177,6 @@ def run_board_server(args) -> int:
         pass
     finally:
         stop()
+        become_subreaper(False)
     print("board server stopped", flush=True)
     return 0
