@@ -466,6 +466,23 @@ def test_tracker_port_in_use_exits_2():
     assert rc == 2 and f"127.0.0.1:{port}" in _error_line(err, "tracker")
 
 
+def test_in_process_services_leave_the_callers_children_alone():
+    """A tracker / board server run in-process stops only what it started (it once killed every
+    child of the caller: the test session's tracker and boards)."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            assert _cli_call("tracker", "--port", s.getsockname()[1])[0] == 2
+        assert _cli_call("board-server", "--tracker", f"127.0.0.1:{_closed_port()}", "--key", "k",
+                         "--wait", 1)[0] == 2
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/emulated_board.py: atomic build, clear error without qemu
 # ------------------------------------------------------------------------------------------------
