@@ -35,3 +35,29 @@ class OutputError(DSConvError):
 class DataError(DSConvError, ValueError):
     """User data (``--inputs``/``--labels``/``--calibration`` arrays, preprocessing options) does not
     fit the model: wrong rank, shape or dtype, NaN/Inf, a label count that differs."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (``signum``) arrived: the CLI ends the verb with exit 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: the signal that interrupted this process, once one did (set by the CLI's handler)
+PENDING_SIGNAL: list[int] = []
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived, even if TVM swallowed the exception the
+    handler raised (an interrupt inside a Python callback of a TVM pass becomes a plain error that
+    a fallback may catch).  Called before an output is committed, so nothing is written after an
+    interrupt."""
+    if PENDING_SIGNAL:
+        raise Interrupted(PENDING_SIGNAL[0])
+
+
+#: non-empty while signals must not raise (inside C++ code that calls back into Python on its own
+#: threads, where an exception ends in std::terminate): the handler only records the signal
+DEFER_INTERRUPTS: list[bool] = []

@@ -8,19 +8,45 @@ import contextlib
 import os
 import tempfile
 
-from .errors import OutputError
+from .errors import OutputError, check_interrupted
 
 
-def check_output_path(path: str) -> None:
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (the same path after resolving links, or
+    the same inode: a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                      # one does not exist
+        return False
+
+
+def check_output_path(path: str, inputs=(), suffixes=None) -> None:
     """One clear error now if ``path`` cannot be written later (a directory, a missing or read-only
-    parent directory)."""
+    parent directory), if it is one of ``inputs`` (or a link to one: writing it would destroy the
+    input), or if it does not end in one of ``suffixes``."""
+    check_output_name(path, inputs, suffixes)
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise OutputError(f"cannot write {path}: directory {directory} is not writable")
+
+
+def check_output_name(path: str, inputs=(), suffixes=None) -> None:
+    """The name checks of :func:`check_output_path` only (not an input, the right suffix)."""
+    path = os.fspath(path)
+    if not path:
+        raise OutputError("the output file name is empty")
+    for inp in inputs:
+        if inp and same_file(path, os.fspath(inp)):
+            raise OutputError(f"cannot write {path}: it is the input {inp} (it would be overwritten); "
+                              f"choose another output name")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise OutputError(f"cannot write {path}: the output must end in {' or '.join(suffixes)}")
 
 
 @contextlib.contextmanager
@@ -37,6 +63,7 @@ def atomic_path(path: str, suffix: str = "", mode: int = 0o666):
     try:
         yield tmp
         _chmod_like_new_file(tmp, mode)
+        check_interrupted()              # nothing is committed after Ctrl-C / SIGTERM
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

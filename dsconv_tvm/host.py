@@ -76,13 +76,69 @@ def host_machine() -> str:
 
 
 def library_machine(path: str) -> str:
-    """The ELF machine of a compiled library; a ModelError if it is missing or not ELF."""
+    """The ELF machine of a compiled library; a ModelError if it is missing, not ELF, or damaged
+    (see :func:`check_elf`)."""
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file")
     try:
+        check_elf(path)
         return elf_machine(path)
     except (ValueError, OSError) as exc:
         raise ModelError(f"{path}: not a compiled .so ({exc})") from exc
+
+
+def check_library(path: str) -> None:
+    """A ModelError unless ``path`` is a complete ELF shared library: to be called before the
+    library is mapped (``dlopen`` of a truncated file dies of SIGBUS when a page past its end is
+    touched).  Loading a library runs its code: load only libraries you trust."""
+    library_machine(path)
+
+
+def check_elf(path: str) -> None:
+    """Raise ValueError unless ``path`` is a consistent ELF shared object: the header, and every
+    program header, loadable segment, section header and section inside the file."""
+    import struct
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    size = len(data)
+    if size < 52 or data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file" if data[:4] != b"\x7fELF" else f"truncated ELF header ({size} bytes)")
+    cls, enc = data[4], data[5]
+    if cls not in (1, 2) or enc not in (1, 2):
+        raise ValueError(f"bad ELF class/encoding {cls}/{enc}")
+    o = "<" if enc == 1 else ">"
+    if cls == 2:
+        if size < 64:
+            raise ValueError(f"truncated ELF header ({size} bytes)")
+        (e_type, _m, _v, _entry, phoff, shoff, _f, _eh, phentsize, phnum, shentsize,
+         shnum, _shstrndx) = struct.unpack_from(o + "HHIQQQIHHHHHH", data, 16)
+        ph_fmt, sh_fmt = o + "IIQQQQQQ", o + "IIQQQQIIQQ"
+    else:
+        (e_type, _m, _v, _entry, phoff, shoff, _f, _eh, phentsize, phnum, shentsize,
+         shnum, _shstrndx) = struct.unpack_from(o + "HHIIIIIHHHHHH", data, 16)
+        ph_fmt, sh_fmt = o + "IIIIIIII", o + "IIIIIIIIII"
+    if e_type != 3:
+        raise ValueError(f"ELF type {e_type}, not a shared library (ET_DYN)")
+    if phnum == 0:
+        raise ValueError("no program headers (not a loadable library)")
+    for what, off, num, entsize, fmt in (("program", phoff, phnum, phentsize, ph_fmt),
+                                         ("section", shoff, shnum, shentsize, sh_fmt)):
+        if num and (entsize < struct.calcsize(fmt) or off + num * entsize > size):
+            raise ValueError(f"damaged or truncated: its {what} headers (offset {off}, {num} x "
+                             f"{entsize} bytes) end past the end of the {size}-byte file")
+    for i in range(phnum):
+        f = struct.unpack_from(ph_fmt, data, phoff + i * phentsize)
+        p_type, p_offset, p_filesz = (f[0], f[2], f[5]) if cls == 2 else (f[0], f[1], f[4])
+        if p_type == 1 and p_offset + p_filesz > size:                     # PT_LOAD
+            raise ValueError(f"damaged or truncated: segment {i} (bytes {p_offset}..{p_offset + p_filesz}) "
+                             f"ends past the end of the {size}-byte file")
+    for i in range(shnum):
+        f = struct.unpack_from(sh_fmt, data, shoff + i * shentsize)
+        sh_type, sh_offset, sh_size = (f[1], f[4], f[5]) if cls == 2 else (f[1], f[4], f[5])
+        if sh_type != 8 and sh_type != 0 and sh_offset + sh_size > size:   # not NOBITS / NULL
+            raise ValueError(f"damaged or truncated: section {i} (bytes {sh_offset}..{sh_offset + sh_size}) "
+                             f"ends past the end of the {size}-byte file")
 
 
 def elf_machine(path: str) -> str:

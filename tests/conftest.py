@@ -10,6 +10,7 @@ until it is registered.  Every process tree is killed at the end of the session.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from dsconv_tvm.remote.processes import popen_child
 
 REPO = Path(__file__).resolve().parent.parent
 EMULATED_KEY = "rpi-emu"
@@ -79,8 +82,8 @@ class _Service:
 def _start(argv, log: Path, env=None) -> subprocess.Popen:
     fh = open(log, "w")
     try:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, cwd=str(REPO))
+        return popen_child(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           env=env, cwd=str(REPO))
     finally:
         fh.close()
 
@@ -167,6 +170,27 @@ def emulated_board(emulated_board_booting):
         print(f"\nemulated board: setup {svc.setup_seconds:.1f} s, registered "
               f"{svc.registered_after:.1f} s after start", file=sys.stderr)
     return svc
+
+
+@pytest.fixture(autouse=True)
+def board_free_after_test(request):
+    """After each test that used the session's emulated board: the board is free again (its RPC
+    sessions were closed), so that the next test's request does not wait for a leaked one."""
+    yield
+    if not {"emulated_board", "emulated_board_booting"} & set(request.fixturenames):
+        return
+    svc = request.getfixturevalue("emulated_board_booting")
+    if svc.registered_after is None:                 # not waited for: not used
+        return
+    if svc.proc.poll() is not None:
+        pytest.fail(f"the emulated board server exited (code {svc.proc.returncode}):\n{svc.output()[-2000:]}")
+    from dsconv_tvm.remote.tracker import RemoteError, wait_board_free
+
+    gc.collect()
+    try:
+        wait_board_free(svc.tracker, svc.key, timeout=60)
+    except RemoteError as exc:
+        pytest.fail(f"after {request.node.nodeid}: {exc}")
 
 
 # ------------------------------------------------------------------------------------------------

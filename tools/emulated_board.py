@@ -97,8 +97,13 @@ def check_qemu() -> str:
 
 def _run(cmd, log, **kw):
     log("  $ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **kw)
+    kw.setdefault("timeout", 3600)      # every wait has a bound (a build under qemu is slow)
+    try:
+        proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, **kw)
+    except subprocess.TimeoutExpired:
+        raise BoardSetupError(f"command did not finish within {kw['timeout']} s: "
+                              f"{' '.join(map(str, cmd))}") from None
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         raise BoardSetupError(f"command failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
@@ -315,11 +320,15 @@ def board_env(board: Board) -> dict:
 def start_board_server(board: Board, tracker: str, key: str, port: int = 9090,
                        host: str = "127.0.0.1", stdout=None, stderr=None) -> subprocess.Popen:
     """``dsconv-tvm board-server`` under qemu, as a child process (its own session, so that the
-    whole tree can be stopped; use :func:`dsconv_tvm.remote.kill_process_tree`)."""
+    whole tree can be stopped; use :func:`dsconv_tvm.remote.kill_process_tree`) that gets SIGTERM
+    (and then stops its own children) when the calling process dies."""
+    from dsconv_tvm.remote.processes import die_with_parent
+
     cmd = [str(board.python), "-m", "dsconv_tvm.cli", "board-server", "--tracker", tracker,
            "--key", key, "--host", host, "--port", str(port)]
     return subprocess.Popen(cmd, env=board_env(board), stdout=stdout, stderr=stderr,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent())
 
 
 def wait_registered(tracker: str, key: str, timeout: float = 180.0, proc=None) -> float:

@@ -20,6 +20,11 @@ def _ort():
     return onnxruntime
 
 
+def require_onnxruntime() -> None:
+    """One clear error now (before any compile) if ONNX Runtime, the fp32 teacher, is missing."""
+    _ort()
+
+
 def probe_model(model, conv_names: list[str]):
     """A copy of the ONNX ``model`` whose graph outputs are the logits followed by the output of every
     Conv in ``conv_names`` (in that order)."""

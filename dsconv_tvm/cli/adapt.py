@@ -33,9 +33,12 @@ def add_parser(sub) -> None:
 
 def cmd_adapt(args) -> int:
     from ..accuracy.adapt import adapt_model, format_adapt
+    from ..accuracy.probes import require_onnxruntime
 
+    require_onnxruntime()
     config = config_from_args(args)
-    check_output_path(args.output)
+    check_output_path(args.output, inputs=[args.model, getattr(args, "images", None),
+                                           getattr(args, "inputs", None)])
     limit = args.limit
     if args.inputs:
         x = take_first(user_inputs(args, args.model), limit, "samples")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..fileio import atomic_write, check_output_path
+from ..fileio import atomic_write, check_output_path, same_file
 from ..remote.tracker import RemoteError
 
 
@@ -55,7 +55,9 @@ def cmd_bench(args) -> int:
         raise RemoteError("--key needs --tracker HOST:PORT")
     for path in (args.json, args.output):
         if path:
-            check_output_path(path)
+            check_output_path(path, inputs=[args.library, args.reference])
+    if args.json and args.output and same_file(args.json, args.output):
+        raise RemoteError(f"--json and --output are the same file ({args.json})")
 
     def log(msg):
         print(f"bench: {msg}", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import json
 import os
 
 from ..errors import ConfigError
-from ..fileio import atomic_write, check_output_path
+from ..fileio import atomic_write, check_output_name, check_output_path
 from .common import EXIT_OK, add_scheme_options, config_from_args, fmt_bytes, log
 
 
@@ -111,6 +111,7 @@ def cmd_compile(args) -> int:
 
     config = config_from_args(args)
     shapes = parse_input_shapes(args.input_shapes)
+    check_output_name(args.output, inputs=[args.model], suffixes=[".so"])
     calibration = None
     if args.calibration:
         if args.bits != "auto":
@@ -125,7 +126,7 @@ def cmd_compile(args) -> int:
         from ..deploy.bundle import prepare_bundle
         bundle = prepare_bundle(args.bundle, args.target, force=args.force, output=args.output, log=log)
     if args.report_json:
-        check_output_path(args.report_json)
+        check_output_path(args.report_json, inputs=[args.model, args.output])
     result = compile_model(args.model, args.target, args.output, config, shapes,
                            check=not args.no_check,
                            log=log, tuning_db=args.tuning_db)

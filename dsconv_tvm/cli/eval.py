@@ -44,10 +44,12 @@ def add_parser(sub) -> None:
 def cmd_eval(args) -> int:
     from ..accuracy.evaluate import evaluate, format_eval
     from ..accuracy.inputs import load_inputs
+    from ..accuracy.probes import require_onnxruntime
 
+    require_onnxruntime()
     config = config_from_args(args)
     if args.json:
-        check_output_path(args.json)
+        check_output_path(args.json, inputs=[args.model, args.reference])
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be >= 1")
     labels = None

@@ -31,7 +31,7 @@ def cmd_run(args) -> int:
 
     machine = library_machine(args.library)
     if args.output:
-        check_output_path(args.output)          # fail before running, not after
+        check_output_path(args.output, inputs=[args.library, args.input])  # fail before running
     host = host_machine()
     if machine != host:
         raise ModelError(f"{args.library} is an {machine} library; `run` executes libraries built for "

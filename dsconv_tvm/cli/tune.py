@@ -16,7 +16,10 @@ def add_parser(sub) -> None:
                                     "XGBoost cost model. Records are appended to the database in "
                                     "--work-dir as they are measured (an interrupted run keeps them); "
                                     "compile with --tuning-db WORK_DIR to use them.")
-    tu.add_argument("model", help="the ONNX model file")
+    tu.add_argument("model", nargs="?", help="the ONNX model file")
+    tu.add_argument("--repair-db", default=None, metavar="DIR",
+                    help="instead of tuning: remove the damaged lines (a half-written record of a "
+                         "killed run) from the tuning database DIR, keeping every good record")
     tu.add_argument("--target", "-t", default="x86", help="target name (default x86 = this host)")
     tu.add_argument("--trials", type=int, default=64, help="measurement trials in total (default 64)")
     tu.add_argument("--trials-per-task", type=int, default=None, metavar="K",
@@ -37,8 +40,23 @@ def add_parser(sub) -> None:
 
 
 def cmd_tune(args) -> int:
+    from ..driver.database import check_database, is_database_dir, repair_database
     from ..driver.tune import convergence, tune_model
     from ..frontend.onnx import parse_input_shapes
+
+    if args.repair_db:
+        if not is_database_dir(args.repair_db):
+            raise ConfigError(f"--repair-db {args.repair_db}: not a tuning database (no "
+                              f"database_workload.json and database_tuning_record.json)")
+        removed = repair_database(args.repair_db)
+        kept = len(check_database(args.repair_db).records)
+        print(f"database  {args.repair_db}: {kept} records kept, {removed} damaged line"
+              f"{'' if removed == 1 else 's'} removed")
+        return EXIT_OK
+    if not args.model:
+        raise ConfigError("tune needs the ONNX model (or --repair-db DIR)")
+    args.interrupt_note = lambda: (f"the records measured so far are kept in {args.work_dir} "
+                                   f"(compile with --tuning-db {args.work_dir})")
 
     if args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: must be >= 1")

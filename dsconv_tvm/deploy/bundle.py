@@ -15,7 +15,9 @@ DIR holds everything needed to build and run the compiled model there with C++ o
     DIR/share/licenses/                the Apache-2.0 licenses of the TVM wheels
 
 It is written atomically: built in a temporary folder next to DIR, then renamed to DIR.  An
-existing non-empty DIR is an error unless ``force`` (then it is replaced).  The checks (and the
+existing non-empty DIR is an error unless ``force``, and even then it is replaced only if it is a
+bundle this tool wrote and holds nothing else: DIR/.dsconv-bundle lists the files written; a DIR
+without it, or with any other file (a build folder, the user's files), is never removed.  The checks (and the
 download of the target's runtime) run in :func:`prepare_bundle`, before the compile.
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import OutputError, check_interrupted
 from ..target import get_target
 from .runtime import (
     LIBRARIES,
@@ -76,10 +78,12 @@ class BundlePlan:
         try:
             self._fill(tmp, Path(so_path), input_shapes)
             os.chmod(tmp, 0o755)
+            check_interrupted()
             if out.exists() and _non_empty(out):
                 if not self.force:
                     raise OutputError(f"--bundle {out}: the directory is not empty "
                                       f"(use --force to replace it)")
+                check_replaceable(out)
                 trash = out.parent / f".{out.name}.old-{os.getpid()}"
                 os.rename(out, trash)
             try:
@@ -126,6 +130,38 @@ class BundlePlan:
         (d / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (d / "README.txt").write_text(_readme(self.target, rt.arch, so.name, shapes,
                                               self.directory.name), encoding="utf-8")
+        written = sorted(_files(d))
+        (d / MARKER).write_text(json.dumps({"written_by": "dsconv-tvm compile --bundle",
+                                            "files": written}, indent=1) + "\n", encoding="utf-8")
+
+
+MARKER = ".dsconv-bundle"
+
+
+def _files(d: Path) -> list[str]:
+    """Every file and link under ``d`` (relative POSIX paths; empty directories are not files)."""
+    out = []
+    for root, dirs, files in os.walk(d):
+        for name in files + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
+            out.append(Path(os.path.relpath(os.path.join(root, name), d)).as_posix())
+    return out
+
+
+def check_replaceable(out: Path) -> None:
+    """``--force`` replaces DIR only if a previous bundle wrote it and nothing else was added."""
+    marker = out / MARKER
+    try:
+        written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"--bundle {out}: not a bundle written by dsconv-tvm (no valid {MARKER}); "
+                          f"--force replaces only such a directory: remove it yourself or choose "
+                          f"another one") from None
+    extra = sorted(set(_files(out)) - written - {MARKER})
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise OutputError(f"--bundle {out}: holds files the previous bundle did not write ({extra[0]}"
+                          f"{more}); --force does not remove them: move them away or choose another "
+                          f"directory")
 
 
 def _non_empty(path: Path) -> bool:
@@ -142,6 +178,8 @@ def prepare_bundle(directory: str, target: str, force: bool = False, output: str
         raise OutputError(f"--bundle {directory}: exists and is not a directory")
     if _non_empty(out) and not force:
         raise OutputError(f"--bundle {directory}: the directory is not empty (use --force to replace it)")
+    if _non_empty(out):
+        check_replaceable(out)
     if not out.parent.is_dir():
         raise OutputError(f"--bundle {directory}: directory {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):

@@ -253,7 +253,9 @@ def _pip_download(arch: str, versions: dict, dest: Path) -> None:
            "--python-version", pyver, "-d", str(dest),
            f"apache-tvm=={versions['apache-tvm']}", f"apache-tvm-ffi=={versions['apache-tvm-ffi']}"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise RuntimeUnavailable(f"pip did not download the {arch} TVM runtime within 900 s") from None
     except OSError as exc:
         raise RuntimeUnavailable(f"cannot run pip to download the {arch} TVM runtime: {exc}") from exc
     if proc.returncode != 0:

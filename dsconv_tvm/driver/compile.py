@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..backends.base import backend_for
 from ..config import DSConvConfig
-from ..errors import ModelError
+from ..errors import DSConvError, ModelError, check_interrupted
 from ..execute.compare import Agreement, compare_outputs
 from ..execute.runner import run_executable, sample_inputs
 from ..fileio import check_output_path
@@ -22,7 +22,7 @@ from ..pipeline import relax_pipeline
 from ..rewrite.dsconv_rewrite import DSConvRewrite
 from ..rewrite.report import ConversionReport
 from ..target import HOST_TARGET, TargetSpec, get_target
-from .database import find_database
+from .database import DB_FILES, find_database
 
 
 def build_relax(loaded: LoadedModel, config: DSConvConfig | None, spec: TargetSpec | None = None):
@@ -40,7 +40,15 @@ def rewrite_dsconv(fp32_mod, loaded: LoadedModel, config: DSConvConfig, spec: Ta
 
     backend = backend_for(spec.tvm_target()) if spec is not None else None
     rewrite = DSConvRewrite(config, loaded.conv_names, backend)
-    return rewrite(fp32_mod), rewrite.report
+    try:
+        return rewrite(fp32_mod), rewrite.report
+    except DSConvError:
+        raise
+    except Exception:
+        error = getattr(rewrite, "error", None)     # ours, raised inside the pass (through TVM's FFI)
+        if isinstance(error, DSConvError):
+            raise error from None
+        raise
 
 
 def with_input_shapes(mod, loaded: LoadedModel):
@@ -87,7 +95,8 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     t0 = time.time()
     spec = get_target(target)
     spec.check_toolchain()
-    check_output_path(output)
+    # a shared library: TVM's loader treats other names specially (.tar is unpacked with tar, ...)
+    check_output_path(output, inputs=[model_path, *_database_files(tuning_db)], suffixes=[".so"])
     loaded = load_onnx(model_path, input_shapes)
     unknown = [name for name in config.skip if name not in loaded.conv_names]
     if unknown:
@@ -106,6 +115,7 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
     database, where = find_database(spec.name, tuning_db)
     tuned: list[str] = []
     ex = build(mod, spec, database, tuned)
+    check_interrupted()                  # an interrupt TVM turned into an error and a fallback caught
     spec.export_library(ex, output)
     result = CompileResult(output, spec.name, config, report, loaded.input_shapes, loaded.folded_bn,
                            time.time() - t0, schedules=where, tuned_functions=tuned)
@@ -115,6 +125,12 @@ def compile_model(model_path: str, target: str, output: str, config: DSConvConfi
         result.agreement = _agreement(loaded, spec, output, mod, fp32_mod, config)
     result.seconds = time.time() - t0
     return result
+
+
+def _database_files(tuning_db: str | None) -> list[str]:
+    if not tuning_db:
+        return []
+    return [tuning_db] + [os.path.join(tuning_db, f) for f in DB_FILES]
 
 
 def _agreement(loaded: LoadedModel, spec: TargetSpec, output: str, dsconv_mod, fp32_mod,

@@ -19,11 +19,18 @@ from dataclasses import dataclass, field
 from ..backends.base import backend_for
 from ..backends.common import import_cpu_tensor_intrinsics, is_dsconv
 from ..config import DSConvConfig
-from ..errors import OutputError, TargetError
+from ..errors import DEFER_INTERRUPTS, OutputError, TargetError, check_interrupted
 from ..frontend.onnx import load_onnx
-from ..remote.tracker import RemoteError, parse_address, registered_keys, tracker_summary
+from ..remote.tracker import (
+    RemoteError,
+    bounded_create_session,
+    parse_address,
+    registered_keys,
+    tracker_summary,
+)
 from ..target import get_target
 from .compile import build_relax, rewrite_dsconv
+from .database import repair_database
 
 
 @dataclass
@@ -83,6 +90,7 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            check_interrupted()           # a deferred Ctrl-C / SIGTERM ends the tuning here
             self.trials += len(runner_results)
             for b, res in zip(builder_results, runner_results):
                 err = b.error_msg or res.error_msg
@@ -173,7 +181,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
                trials_per_task: int | None = None,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
-               seed: int = 0, log=None, stream=sys.stderr, dsconv: bool = True) -> TuneResult:
+               seed: int = 0, log=None, stream=None, dsconv: bool = True) -> TuneResult:
     """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database).
     ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner.
     ``trials_per_task`` (instead of ``trials``): a budget of that many trials for each task tuned,
@@ -182,6 +190,7 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     from tvm.s_tir import meta_schedule as ms
 
     log = log or (lambda msg: None)
+    stream = stream or sys.stderr          # the stream of the moment, not of import time
     spec = get_target(target_name)
     spec.check_toolchain()
     if tracker is None and not spec.runs_here():
@@ -190,6 +199,12 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     os.makedirs(work_dir, exist_ok=True)
     if not os.access(work_dir, os.W_OK):
         raise OutputError(f"cannot write the tuning database to {work_dir}")
+    # a damaged line (a half-written record of a killed run) would make the whole database
+    # unreadable, and a record appended after it would be damaged too: remove it first
+    removed = repair_database(work_dir)
+    if removed:
+        log(f"warning: tuning database {work_dir}: removed {removed} damaged line"
+            f"{'s' if removed > 1 else ''} (half-written records of an interrupted run)")
     target = spec.tvm_target()
     backend = backend_for(target)
     import_cpu_tensor_intrinsics()
@@ -221,7 +236,8 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         runner = ms.runner.RPCRunner(
             rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                            tracker_key=key, session_timeout_sec=int(timeout)),
-            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host)
+            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host,
+            f_create_session=bounded_create_session)
     else:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator)
     database = ms.database.JSONDatabase(work_dir=work_dir)
@@ -231,12 +247,19 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                  _progress_callback([float(w) for w in weights], trials, result, stream, t0)]
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
+    DEFER_INTERRUPTS.append(True)      # see errors.DEFER_INTERRUPTS; raised in Progress.apply
     try:
         with target:            # the DSConv search space (schedule.py) reads the target
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
                           num_trials_per_iter=trials_per_iter, builder=builder, runner=runner,
                           database=database, cost_model=cost_model, measure_callbacks=callbacks,
                           task_scheduler="gradient")
+    except Exception:
+        check_interrupted()               # the interrupt raised in the callback, through TVM
+        raise
     finally:
+        DEFER_INTERRUPTS.pop()
         result.seconds = time.time() - t0
+        # every record measured so far stays valid, even when interrupted in the middle of a write
+        repair_database(work_dir)
     return result

@@ -9,6 +9,7 @@ import statistics
 import numpy as np
 
 from ..errors import ModelError
+from ..host import check_library
 
 
 def vm_of(executable, dev=None):
@@ -37,9 +38,11 @@ def run_executable(ex, inputs: list[np.ndarray], dev=None) -> np.ndarray:
 
 
 def load_library(path: str):
-    """A Relax VM on the CPU for a host ``.so``, and its compiled input shape."""
+    """A Relax VM on the CPU for a host ``.so``, and its compiled input shape.  The file is checked
+    first (a complete ELF shared library), so that a damaged one is an error, not a SIGBUS."""
     import tvm
 
+    check_library(path)
     try:
         vm = vm_of(tvm.runtime.load_module(os.path.abspath(path)))
     except Exception as exc:  # noqa: BLE001  (TVM's loader errors)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 from .batchnorm import fold_conv_batchnorm
+from .checks import check_sizes, check_values
 
 
 @dataclass
@@ -81,9 +82,12 @@ def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch
                              f"(node '{node.name or node.output[0]}')")
 
     model = copy.deepcopy(model)
+    check_values(model, path)                # NaN/Inf anywhere: one error naming the node
     sum_to_add(model)
     folded = fold_conv_batchnorm(model)
     _name_nodes(model)
+    if folded:                               # a fold can overflow (huge gamma, tiny variance)
+        check_values(model, path, "after folding BatchNorm into the convs")
 
     inits = {i.name for i in model.graph.initializer}
     shapes, dtypes = {}, {}
@@ -119,6 +123,7 @@ def load_onnx(path: str, input_shapes: dict[str, list[int]] | None = None, batch
                     raise ModelError(f"{path}: input {inp.name!r} has a symbolic dimension {d!r} at axis "
                                      f"{axis}; give it with --input-shapes \"{inp.name}:[...]\"")
             shapes[inp.name] = fixed
+    check_sizes(model, shapes, path)
     conv_names = [n.name for n in model.graph.node if n.op_type == "Conv"]
     return LoadedModel(path, model, shapes, dtypes, conv_names, folded)
 

@@ -36,7 +36,7 @@ from ..execute.compare import CHECK_RTOL, check_close
 from ..execute.runner import bench_input, load_library, predict, time_main
 from ..fileio import atomic_write
 from ..host import host_machine, library_machine
-from .processes import kill_process_tree
+from .processes import kill_process_tree, popen_child
 from .tracker import RemoteError, explain, first_line, parse_address, registered_keys, request_board, tracker_summary
 
 
@@ -264,11 +264,12 @@ class _Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(
+        # its own process group, and SIGKILLed by the kernel if this process dies
+        self.proc = popen_child(
             [sys.executable, "-c", "import sys; from dsconv_tvm.remote.bench import worker_main; "
              "sys.exit(worker_main())", "--dsconv-bench-worker", f"--parent={os.getpid()}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env,
-            start_new_session=True)
+            sig=signal.SIGKILL, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            text=True, env=env)
         self.events: queue.Queue = queue.Queue()
         self.proc.stdin.write(json.dumps(params) + "\n")
         self.proc.stdin.flush()

@@ -12,7 +12,16 @@ import os
 import sys
 import time
 
-from .processes import Stop, kill_process_tree, stop_on_signals
+from .processes import (
+    OwnChildren,
+    Stop,
+    become_subreaper,
+    forked_children_die_with_parent,
+    forked_children_die_with_us,
+    kill_process_tree,
+    listeners_of,
+    stop_on_signals,
+)
 from .tracker import RemoteError, first_line, parse_address, tracker_summary
 
 SERVER_WARNING = ("WARNING: a TVM RPC server runs any code uploaded to it: anyone who can reach "
@@ -36,6 +45,8 @@ def run_tracker(args) -> int:
     addr = f"{args.host}:{args.port}"
     print(TRACKER_WARNING.format(addr=addr), file=sys.stderr, flush=True)
     tracker = None
+    forked_children_die_with_us()            # TVM's tracker process goes when this one is killed
+    own = OwnChildren()
     try:
         with stop_on_signals():
             try:
@@ -58,7 +69,7 @@ def run_tracker(args) -> int:
             except Exception:  # noqa: BLE001  (e.g. bound to an address 127.0.0.1 cannot reach)
                 pass
             tracker.proc = None                   # (TVM's __del__ would try again)
-        kill_process_tree(os.getpid(), include_parent=False)
+        own.kill()
     print("tracker stopped", flush=True)
     return 0
 
@@ -80,18 +91,35 @@ def run_board_server(args) -> int:
     print(SERVER_WARNING.format(addr=f"{args.host}:{args.port}", user=_user()), file=sys.stderr,
           flush=True)
     state = {"server": None}
+    own = OwnChildren()
+    # orphans of TVM's server (a session process whose parent was killed) stay in this tree, so
+    # that stop() finds them and the port is freed for the restart
+    become_subreaper()
 
-    def start():
+    def start(attempts: int = 1):
         from tvm import rpc
 
-        try:
-            state["server"] = rpc.Server(args.host, args.port, port_end=args.port + 1,
-                                         tracker_addr=(th, tp), key=args.key, silent=args.silent,
-                                         custom_addr=args.custom_addr)
-        except Exception as exc:  # noqa: BLE001
-            raise RemoteError(f"cannot start a board server on {args.host}:{args.port}: "
-                              f"{first_line(exc)}") from None
+        for attempt in range(attempts):
+            try:
+                # the init callback runs in TVM's server process: it and the session processes it
+                # forks die with their parent (no session left holding the port)
+                state["server"] = rpc.Server(args.host, args.port, port_end=args.port + 1,
+                                             tracker_addr=(th, tp), key=args.key, silent=args.silent,
+                                             custom_addr=args.custom_addr,
+                                             server_init_callback=forked_children_die_with_parent)
+                return state["server"]
+            except Exception as exc:  # noqa: BLE001
+                if attempt + 1 >= attempts:
+                    raise RemoteError(f"cannot start a board server on {args.host}:{args.port}: "
+                                      f"{first_line(exc)}") from None
+                free_port()
+                time.sleep(1.0)
         return state["server"]
+
+    def free_port():
+        """Kill what of this process's tree still holds the port (a stuck session)."""
+        for pid in listeners_of(args.port, own.pids()):
+            kill_process_tree(pid, timeout=2.0)
 
     def stop():
         if state["server"] is not None:
@@ -100,7 +128,7 @@ def run_board_server(args) -> int:
             except Exception:  # noqa: BLE001
                 pass
             state["server"] = None
-        kill_process_tree(os.getpid(), include_parent=False)
+        own.kill()
 
     try:
         with stop_on_signals():
@@ -143,11 +171,12 @@ def run_board_server(args) -> int:
                 print(f"board server: TVM's RPC server stopped serving (not listed at tracker "
                       f"{th}:{tp} or exited); restarting it", file=sys.stderr, flush=True)
                 stop()
-                server = start()
+                server = start(attempts=10)
                 missing_since = None
     except Stop:
         pass
     finally:
         stop()
+        become_subreaper(False)
     print("board server stopped", flush=True)
     return 0

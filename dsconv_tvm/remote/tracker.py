@@ -4,6 +4,8 @@ requests; and the one error class of everything remote."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import socket
 import struct
@@ -143,3 +145,79 @@ def request_board(host: str, port: int, key: str, deadline: float):
     return str(board_host), int(board_port), str(matchkey)
 
 
+
+
+def board_free_count(summary: dict, key: str) -> int:
+    """How many boards with ``key`` are free (registered and not in a session) in a summary."""
+    info = summary.get("queue_info", {}).get(key) or {}
+    return int(info.get("free", 0))
+
+
+def wait_board_free(tracker: str, key: str, timeout: float) -> float:
+    """Seconds until a board with ``key`` is free again at ``tracker``; a :class:`RemoteError`
+    after ``timeout`` seconds (a session that was not closed, a board that did not come back)."""
+    host, port = parse_address(tracker, "--tracker")
+    t0 = time.time()
+    while True:
+        try:
+            if board_free_count(tracker_summary(host, port, timeout=5.0), key) > 0:
+                return time.time() - t0
+        except RemoteError:
+            pass
+        if time.time() - t0 > timeout:
+            raise RemoteError(f"board '{key}' at tracker {tracker} is not free after {timeout:g} s "
+                              f"(a session still open, or the board did not re-register)")
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def board_session(tracker: str, key: str, timeout: float = 60.0, session_timeout: float = 0.0):
+    """A TVM RPC session on a board with ``key`` from ``tracker`` ("HOST:PORT"), bounded: the request
+    waits at most ``timeout`` seconds for a free board (:class:`RemoteError`), and the board ends
+    the session after ``session_timeout`` seconds (0: no limit).
+
+    The session is closed when the block ends: the caller must drop every remote object it made
+    (modules, functions, tensors) inside the block; the session itself is released here and a
+    ``gc.collect()`` runs, so the board is free for the next user at once."""
+    from tvm import rpc
+
+    host, port = parse_address(tracker, "--tracker")
+    bhost, bport, matchkey = request_board(host, port, key, time.time() + timeout)
+    try:
+        ref = SessionRef(rpc.connect(bhost, bport, matchkey, session_timeout=session_timeout))
+    except Exception as exc:  # noqa: BLE001  (TVM's connection errors)
+        raise RemoteError(f"cannot connect to board '{key}' at {bhost}:{bport}: {first_line(exc)}") from None
+    try:
+        yield ref
+    finally:
+        ref.close()
+
+
+class SessionRef:
+    """An RPC session that can be closed: every attribute is the session's until :meth:`close`,
+    which drops the reference (a name bound by ``with ... as`` outlives the block)."""
+
+    def __init__(self, sess):
+        self._sess = sess
+
+    def __getattr__(self, name):
+        sess = self.__dict__.get("_sess")
+        if sess is None:
+            raise RemoteError("the board session is closed")
+        return getattr(sess, name)
+
+    def close(self) -> None:
+        self._sess = None
+        gc.collect()
+
+
+def bounded_create_session(rpc_config):
+    """MetaSchedule's ``f_create_session`` with a bound: TVM's default asks the tracker with no
+    limit on the wait for a free board; this one gives up after the config's session timeout
+    (the candidate is then recorded as failed, and the tuner goes on)."""
+    from tvm import rpc
+
+    wait = float(rpc_config.session_timeout_sec or 60)
+    bhost, bport, matchkey = request_board(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                                           rpc_config.tracker_key, time.time() + wait)
+    return rpc.connect(bhost, bport, matchkey, session_timeout=rpc_config.session_timeout_sec or 0)

@@ -26,6 +26,7 @@ from tvm import relax
 
 from ..backends.base import Backend, backend_for
 from ..config import DSConvConfig
+from ..errors import DSConvError
 from ..scheme.geometry import ConvGeometry
 from ..scheme.layer import DSConvLayer
 from ..scheme.metrics import sqnr_db
@@ -118,11 +119,18 @@ class DSConvRewrite:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         self.report = ConversionReport()
-        bb = relax.BlockBuilder(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                bb.update_func(gv, self._rewrite_function(bb, func))
-        return bb.get()
+        # an error of ours raised in here reaches the caller through TVM's FFI as a plain error:
+        # keep it, so that :func:`dsconv_tvm.driver.compile.rewrite_dsconv` can raise it as it was
+        self.error = None
+        try:
+            bb = relax.BlockBuilder(mod)
+            for gv, func in list(mod.functions_items()):
+                if isinstance(func, relax.Function):
+                    bb.update_func(gv, self._rewrite_function(bb, func))
+            return bb.get()
+        except DSConvError as exc:
+            self.error = exc
+            raise
 
     # -- analysis ---------------------------------------------------------------------------
     def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
@@ -274,7 +282,10 @@ class DSConvRewrite:
         # mantissas and exponents as block = C, without packing and multiplying empty slots
         block = min(cfg.block, int(in_shape[1]))
         bits = cfg.bits_for(name)            # mixed precision: a per-layer override
-        qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
+        try:
+            qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
+        except DSConvError as exc:                # name the layer
+            raise type(exc)(f"layer '{name}': {exc}") from None
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
                             bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation, self.backend.act_dtype, residual is not None)

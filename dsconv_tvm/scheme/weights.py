@@ -163,7 +163,7 @@ def _deploy(xi: np.ndarray, sdt: np.dtype) -> np.ndarray:
         r = xi.astype(sdt)
     if not np.isfinite(r).all():
         bad = xi[~np.isfinite(r)][0]
-        raise NumericsError(f"KDS scale xi={bad!r} is outside the {sdt.name} range; "
+        raise NumericsError(f"KDS scale xi={float(bad):.6g} is outside the {sdt.name} range; "
                             f"use scale_dtype='float32' or rescale the weights")
     return r.astype(np.float64)
 

@@ -358,10 +358,24 @@ def test_bundle_into_non_empty_dir_fails(model, work, tmp_path):
     assert "--force" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "nothing else written (no .so, no temp dir)"
     assert [p.name for p in d.iterdir()] == ["keep.txt"] and (d / "keep.txt").read_text() == "mine"
-    # --force replaces it
-    _compile(model, "x86", so, "--bundle", str(d), "--force")
-    assert not (d / "keep.txt").exists() and (d / "m.so").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "m.so"]
+    # --force does not remove what a bundle did not write: the user's folder is left as it is
+    rc, out, err = _cli("compile", str(model), "--target", "x86", "-o", str(so), "--bundle", str(d), "--force")
+    assert rc == 2 and "not a bundle written by dsconv-tvm" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in d.iterdir()] == ["keep.txt"] and (d / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    # a bundle of its own is replaced by --force
+    b = tmp_path / "b2"
+    _compile(model, "x86", so, "--bundle", str(b))
+    assert (b / ".dsconv-bundle").is_file()
+    _compile(model, "x86", so, "--bundle", str(b), "--force")
+    assert (b / "m.so").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b2", "bundle", "m.so"]
+    # ... but not once the user has put a file of theirs into it (a build folder)
+    (b / "build").mkdir()
+    (b / "build" / "dsconv_run").write_text("user's build")
+    rc, out, err = _cli("compile", str(model), "--target", "x86", "-o", str(so), "--bundle", str(b), "--force")
+    assert rc == 2 and "build/dsconv_run" in err
+    assert (b / "build" / "dsconv_run").read_text() == "user's build" and (b / "m.so").is_file()
 
 
 def test_bundle_bad_places(model, tmp_path, monkeypatch):

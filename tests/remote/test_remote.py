@@ -5,7 +5,6 @@ board, session timeout), and the ``tracker`` / ``board-server`` verbs."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dsconv_tvm.cli import main as cli
 from dsconv_tvm.remote import processes
+from dsconv_tvm.remote.processes import popen_child
 from dsconv_tvm.remote import tracker as tracker_protocol
 from dsconv_tvm.execute.runner import predict
 
@@ -115,7 +115,7 @@ class _Board:
     def __init__(self, tracker, key, tmp):
         self.key, self.port, self.tracker = key, free_port(), tracker
         self.log = Path(tmp) / f"board-{key}.log"
-        self.proc = subprocess.Popen(
+        self.proc = popen_child(
             [*CLI, "board-server", "--tracker", tracker.address, "--key", key, "--port", str(self.port)],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(REPO))
@@ -146,7 +146,7 @@ def x86_board(rpc_tracker, tmp_path_factory):
 
 def _start_bench(argv, tmp_path):
     out, err = tmp_path / "bench.out", tmp_path / "bench.err"
-    proc = subprocess.Popen([*CLI, "bench", *map(str, argv)], stdout=open(out, "w"),
+    proc = popen_child([*CLI, "bench", *map(str, argv)], stdout=open(out, "w"),
                             stderr=open(err, "w"), stdin=subprocess.DEVNULL, cwd=str(REPO))
     return proc, out, err
 
@@ -260,18 +260,12 @@ def test_unknown_key_fails_within_timeout(rpc_tracker, x86_board, libs):
 
 
 def test_busy_board_gives_up_after_timeout(rpc_tracker, x86_board, libs):
-    from tvm import rpc
-
     # hold the only board with that key (the board ends this session by itself after 8 s)
-    held = rpc.connect_tracker("127.0.0.1", rpc_tracker.port).request(x86_board.key, session_timeout=8)
-    try:
+    with tracker_protocol.board_session(rpc_tracker.address, x86_board.key, timeout=30, session_timeout=8):
         t0 = time.time()
         rc, _out, err = _cli_call("bench", libs["x86"], "--tracker", rpc_tracker.address, "--key",
                                   x86_board.key, "--timeout", 4)
         elapsed = time.time() - t0
-    finally:
-        del held
-        gc.collect()
     assert rc == 2 and elapsed < 4 + 8, elapsed
     assert "all are busy" in _error_line(err)
     assert not _bench_workers(os.getpid())
@@ -398,7 +392,7 @@ def _tree_pids(proc):
 def test_tracker_and_board_server_verbs(tmp_path):
     tport, sport = free_port(), free_port()
     tlog, slog = tmp_path / "tracker.log", tmp_path / "server.log"
-    tracker = subprocess.Popen([*CLI, "tracker", "--port", str(tport)], stdout=open(tlog, "w"),
+    tracker = popen_child([*CLI, "tracker", "--port", str(tport)], stdout=open(tlog, "w"),
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
                                start_new_session=True)
     server = None
@@ -408,7 +402,7 @@ def test_tracker_and_board_server_verbs(tmp_path):
         tpids = _tree_pids(tracker)
         assert _listening(tpids, tport) == ["127.0.0.1"]
 
-        server = subprocess.Popen([*CLI, "board-server", "--tracker", f"127.0.0.1:{tport}", "--key",
+        server = popen_child([*CLI, "board-server", "--tracker", f"127.0.0.1:{tport}", "--key",
                                    "verb-test", "--port", str(sport)], stdout=open(slog, "w"),
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
                                   start_new_session=True)
@@ -472,6 +466,23 @@ def test_tracker_port_in_use_exits_2():
     assert rc == 2 and f"127.0.0.1:{port}" in _error_line(err, "tracker")
 
 
+def test_in_process_services_leave_the_callers_children_alone():
+    """A tracker / board server run in-process stops only what it started (it once killed every
+    child of the caller: the test session's tracker and boards)."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            assert _cli_call("tracker", "--port", s.getsockname()[1])[0] == 2
+        assert _cli_call("board-server", "--tracker", f"127.0.0.1:{_closed_port()}", "--key", "k",
+                         "--wait", 1)[0] == 2
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/emulated_board.py: atomic build, clear error without qemu
 # ------------------------------------------------------------------------------------------------
@@ -509,3 +520,109 @@ def test_emulated_board_needs_qemu(monkeypatch, tmp_path):
         tool.ensure_board(tmp_path)
     monkeypatch.setenv("DSCONV_TVM_CACHE", str(tmp_path))
     assert tool.board_dir() == tmp_path / "emulated-board"
+
+
+# ------------------------------------------------------------------------------------------------
+# nothing leaks, the board server heals (issue 12)
+# ------------------------------------------------------------------------------------------------
+def _tvm_server_process(board):
+    """TVM's RPC server process of a board server (its ``tvm.exec.popen_worker`` child)."""
+    for p in psutil.Process(board.proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "tvm.exec.popen_worker" in " ".join(p.cmdline()):
+                return p
+    return None
+
+
+def test_board_server_heals_when_its_rpc_worker_is_killed_mid_session(rpc_tracker, libs, tmp_path):
+    board = _Board(rpc_tracker, "x86-heal", tmp_path)
+    bench = None
+    try:
+        bench, _out, err = _start_bench([libs["x86"], "--tracker", rpc_tracker.address, "--key",
+                                         board.key, "--repeat", 10**7, "--number", 20], tmp_path)
+        _wait_for(err, "measuring", bench)
+        worker = _tvm_server_process(board)
+        assert worker is not None and worker.children()        # a session is being served
+        session = worker.children(recursive=True)
+        worker.kill()                                            # the stuck/killed server worker
+        assert bench.wait(timeout=60) == 2
+        for p in session:                                        # its session dies with it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                assert p.wait(timeout=10) is not None or True
+            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        # the server restarts TVM's server on the same port and registers again
+        tracker_protocol.wait_board_free(rpc_tracker.address, board.key, timeout=60)
+        assert "restarting it" in board.log.read_text()
+        assert _listening([p.pid for p in board.tree()], board.port) == ["127.0.0.1"]
+        rc, out, err2 = _cli_call("bench", libs["x86"], "--tracker", rpc_tracker.address, "--key",
+                                  board.key, "--repeat", 2, "--number", 1, "--timeout", 30)
+        assert rc == 0, err2
+        assert "cannot bind" not in board.log.read_text()
+    finally:
+        if bench is not None and bench.poll() is None:
+            processes.kill_process_tree(bench.pid)
+        board.stop()
+    assert not board.tree()
+
+
+_PARENT = """
+import sys, time
+from dsconv_tvm.remote.processes import popen_child
+cli = [sys.executable, "-m", "dsconv_tvm.cli"]
+t = popen_child([*cli, "tracker", "--port", sys.argv[1]], stdout=open(sys.argv[3], "w"), stderr=-2)
+time.sleep(1.5)
+s = popen_child([*cli, "board-server", "--tracker", "127.0.0.1:" + sys.argv[1], "--key", "orphan",
+                 "--port", sys.argv[2]], stdout=open(sys.argv[4], "w"), stderr=-2)
+print(t.pid, s.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_parent_leaves_no_service(tmp_path, sig):
+    """A process (a test run, a script) that started a tracker and a board server is killed: both
+    services and every process they started go with it."""
+    tport, sport = free_port(), free_port()
+    tlog, slog = tmp_path / "t.log", tmp_path / "s.log"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tport), str(sport), str(tlog), str(slog)],
+                              stdout=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
+    tree = []
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        t0 = time.time()
+        while "registered at tracker" not in slog.read_text():
+            assert time.time() - t0 < 90, slog.read_text()
+            time.sleep(0.3)
+        tree = [psutil.Process(p) for p in pids]
+        tree += [c for p in list(tree) for c in p.children(recursive=True)]
+        assert len(tree) >= 4                              # the verbs and TVM's processes
+        parent.send_signal(sig)
+        parent.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(tree, timeout=20)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                processes.kill_process_tree(p.pid)
+        parent.stdout.close()
+
+
+def test_killed_bench_leaves_no_worker_and_frees_the_board(rpc_tracker, x86_board, libs, tmp_path):
+    bench, _out, err = _start_bench([libs["x86"], "--tracker", rpc_tracker.address, "--key",
+                                     x86_board.key, "--repeat", 10**7, "--number", 20], tmp_path)
+    try:
+        _wait_for(err, "measuring", bench)
+        workers = _bench_workers(bench.pid)
+        assert workers
+        bench.kill()                                       # SIGKILL: no handler runs
+        bench.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive
+    finally:
+        if bench.poll() is None:
+            processes.kill_process_tree(bench.pid)
+    # the board ends the orphaned session and is free again
+    tracker_protocol.wait_board_free(rpc_tracker.address, x86_board.key, timeout=60)

@@ -126,8 +126,11 @@ def assemble(ptx: str, arch: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         src.write_text(ptx)
-        res = subprocess.run([ptxas, f"-arch={arch}", str(src), "-o", str(out)],
-                             capture_output=True, text=True)
+        try:
+            res = subprocess.run([ptxas, f"-arch={arch}", str(src), "-o", str(out)],
+                                 capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise TargetError(f"ptxas did not finish within 300 s for {arch}") from None
         if res.returncode != 0:
             raise TargetError(f"ptxas rejects the PTX for {arch}: {res.stderr.strip().splitlines()[:1]}")
         return out.read_bytes()

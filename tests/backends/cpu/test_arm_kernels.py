@@ -4,7 +4,6 @@ Raspberry Pi (qemu-aarch64, TVM's aarch64 runtime) and compared with the numpy D
 import numpy as np
 import pytest
 import tvm
-from tvm import rpc
 
 from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
@@ -12,6 +11,7 @@ from dsconv_tvm.backends.cpu.layout import layer_params
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.reference import dsconv2d
 from dsconv_tvm.backends.cpu.schedule import dot_intrin, schedule_dsconv_cpu
+from dsconv_tvm.remote.tracker import board_session
 from dsconv_tvm.target import get_target
 from dsconv_tvm.scheme.weights import quantize_weight
 
@@ -26,10 +26,17 @@ CASES = [
 
 @pytest.mark.parametrize("target_name, isa", [("rpi4", "neon"), ("rpi5", "sdot")])
 def test_arm_kernels_on_emulated_board_match_reference(emulated_board, tmp_path, target_name, isa):
+    # a bounded request, and the session closed when the block ends (the board is free for the
+    # next test: the ``board_free_after_test`` fixture checks it)
+    with board_session(emulated_board.tracker, emulated_board.key, timeout=120,
+                       session_timeout=600) as remote:
+        _run_cases(remote, tmp_path, target_name, isa)
+
+
+def _run_cases(remote, tmp_path, target_name, isa):
+    """Every remote object lives in this frame only: gone when it returns."""
     spec = get_target(target_name)
     target = spec.tvm_target()
-    host, port = emulated_board.tracker.rsplit(":", 1)
-    remote = rpc.connect_tracker(host, int(port)).request(emulated_board.key, session_timeout=600)
     dev = remote.cpu()
     for i, (in_shape, co, k, s, p, bits, block, uns, residual) in enumerate(CASES):
         layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
