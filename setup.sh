@@ -36,7 +36,7 @@ mkdir -p build
 "$VENV/bin/dsconv-tvm" compile models/resnet20.onnx --target x86 -o build/resnet20.so
 "$VENV/bin/python" - <<'PYEOF'
 import numpy as np
-from dsconv_tvm.datasets import load_fashion_mnist
+from dsconv_tvm.accuracy.datasets import load_fashion_mnist
 x, y = load_fashion_mnist("test")
 np.save("build/fmnist_test8.npy", x[:8])
 print("labels of the 8 images:", " ".join(str(int(v)) for v in y[:8]))

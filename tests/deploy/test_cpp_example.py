@@ -3,7 +3,7 @@
 * x86: the example is built with CMake against the ``runtime-info`` paths and runs a compiled
   ``.so`` with only the TVM runtime; its output equals the Python run of the same ``.so``.
 * aarch64: the example is cross-built (toolchain file) against the aarch64 runtime (downloaded
-  once from PyPI by dsconv_tvm.runtime) and runs the ``--target arm`` ``.so`` under qemu-user.
+  once from PyPI by dsconv_tvm.deploy.runtime) and runs the ``--target arm`` ``.so`` under qemu-user.
 * ``--bundle``: the folder's content, ELF machines, building + running from inside the bundle, and
   the refusal to write into a non-empty folder.
 * ``runtime-info --target rpi-armv7``: exit 2 with the explanation.
