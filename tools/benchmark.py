@@ -284,8 +284,7 @@ def layer_report(model_name: str, variant: str, result, db_dir: str | None, args
                      "kernel": list(layer.kernel), "strides": list(layer.geom.strides),
                      "macs": macs, "median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
                      "int_gops": gops, "fraction_of_peak": gops / peak["peak_gops"],
-                     "tuned": bool(tuned), "goal_3x3_ge64": layer.kernel == (3, 3) and layer.in_shape[1] >= 64
-                     and layer.out_channels >= 64})
+                     "tuned": bool(tuned), "goal_ge64": layer.in_shape[1] >= 64})
         log(f"  layer {rl.name} {layer.in_shape}->{layer.out_shape} k{layer.kernel}: "
             f"{t['median_ms']:.3f} ms, {gops:.1f} GOP/s = {100 * gops / peak['peak_gops']:.1f} % of peak")
     return rows
@@ -458,23 +457,30 @@ def markdown(results: dict) -> str:
         for r in tuned:
             out.write(f"| {r['model']} | {LABELS[r['variant']]} | {r['tuning_trials']} | {_f(r['tuning_seconds'], '.0f')} | "
                       f"{_f(r['within10_trials'], 'd')} | {_f(r['within10_seconds'], '.0f')} |\n")
-    out.write(f"\nint8 peak ({peak['isa']}): {peak['macs_per_cycle_per_core']} MACs/cycle/core x "
-              f"{peak['clock_hz'] / 1e9:.2f} GHz (measured sustained clock, {peak['cores']} threads) x "
-              f"{peak['cores']} cores x 2 ops = {peak['peak_gops']:.0f} GOP/s; the vpmaddubsw+vpmaddwd "
-              f"microbenchmark reaches {2 * peak['measured_avx2_gmacs']:.0f} GOP/s.\n")
+    out.write(f"\n{peak_text(peak)}\n")
     out.write("\n| goal | measured | met |\n|---|---|---|\n")
     for g in goals(results):
         met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
         out.write(f"| {g['goal']} | {_f(g['measured'], '.3f')} | {met} |\n")
     if results.get("layers"):
         out.write("\n| model | variant | layer | input | output | kernel | ms | integer GOP/s | % of peak | "
-                  "3x3, >= 64 ch |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                  ">= 64 in ch |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for l in results["layers"]:
             out.write(f"| {l['model']} | {l['variant']} | {l['layer']} | {'x'.join(map(str, l['in_shape']))} | "
                       f"{'x'.join(map(str, l['out_shape']))} | {l['kernel'][0]}x{l['kernel'][1]}/{l['strides'][0]} | "
                       f"{l['median_ms']:.3f} | {l['int_gops']:.1f} | {100 * l['fraction_of_peak']:.1f} | "
-                      f"{'yes' if l['goal_3x3_ge64'] else 'no'} |\n")
+                      f"{'yes' if l.get('goal_ge64') else 'no'} |\n")
     return out.getvalue()
+
+
+def peak_text(peak: dict) -> str:
+    """How the int8 peak was obtained (every "% of peak" is relative to it)."""
+    others = ", ".join(f"{name} {2 * m['gmacs']:.0f}" for name, m in peak.get("measured", {}).items()
+                       if name != peak["isa"])
+    return (f"int8 peak: {peak['peak_gops']:.0f} GOP/s, measured by tools/bench_peak.py on {peak['cores']} threads "
+            f"with the kernels' own dot-product sequence ({peak['isa']}: {peak['sequence']}): "
+            f"{peak['macs_per_cycle_per_core']:.1f} MACs/cycle/core at the measured {peak['clock_hz'] / 1e9:.2f} GHz"
+            + (f" (other sequences, GOP/s: {others})" if others else "") + ".")
 
 
 def goals(results: dict) -> list[dict]:
@@ -483,17 +489,18 @@ def goals(results: dict) -> list[dict]:
     rn = next((m for m in results["models"] if m["model"] == "resnet50" and not m.get("skipped")), None)
     for variant in ("dsconv_b32", "dsconv_b64"):
         v = (rn or {}).get("variants", {}).get(variant, {})
-        for base, limit in (("ort_fp32", 0.6), ("ort_int8", 0.9), ("tvm_fp32", 0.7)):
+        for base, limit in (("ort_fp32", 0.4), ("ort_int8", 0.9)):
             r = v.get(f"ratio_to_{base}")
             out.append({"goal": f"ResNet-50 {LABELS[variant]} latency <= {limit} x {LABELS[base]}",
                         "measured": r, "met": None if r is None else r <= limit})
     w = (rn or {}).get("variants", {}).get("dsconv_b64", {}).get("weight_ratio_to_fp32")
     out.append({"goal": "ResNet-50 deployed weight bytes at W4 B=64 <= 0.16 x fp32", "measured": w,
                 "met": None if w is None else w <= 0.16})
-    layers = [l for l in results.get("layers", []) if l["goal_3x3_ge64"]]
+    layers = [l for l in results.get("layers", []) if l.get("goal_ge64")]
     worst = min((l["fraction_of_peak"] for l in layers), default=None)
-    out.append({"goal": "3x3 convs with >= 64 channels (per-layer report): >= 50 % of the int8 peak "
-                        "(the worst such layer)", "measured": worst, "met": None if worst is None else worst >= 0.5})
+    out.append({"goal": "DSConv layers with >= 64 input channels (per-layer report): >= 50 % of the measured "
+                        "int8 peak (the worst such layer)", "measured": worst,
+                "met": None if worst is None else worst >= 0.5})
     return out
 
 
@@ -652,10 +659,10 @@ def run(args) -> dict:
     from dsconv_tvm.target import get_target
 
     spec = get_target(args.target)
-    clock = bench_peak.measure_clock(len(cores), bench_models.bench_cache())
-    peak = {**bench_peak.int8_peak(bench_peak.isa_of_target(spec), clock["clock_hz"], len(cores)),
-            "measured_avx2_gmacs": clock["measured_avx2_gmacs"], "clock_threads": clock["threads"]}
-    log(f"int8 peak {peak['peak_gops']:.0f} GOP/s ({peak['isa']}, {clock['clock_hz'] / 1e9:.2f} GHz x "
+    measured = bench_peak.measure(len(cores), bench_models.bench_cache())
+    peak = bench_peak.peak_for(bench_peak.kernel_isa(spec), measured)
+    log(f"int8 peak {peak['peak_gops']:.0f} GOP/s measured ({peak['sequence']}, "
+        f"{peak['macs_per_cycle_per_core']:.1f} MACs/cycle/core at {peak['clock_hz'] / 1e9:.2f} GHz x "
         f"{len(cores)} cores)")
     results = {"machine": machine_info(), "target": args.target, "threads": args.threads, "cores": cores,
                "trials": args.trials, "trials_per_task": args.trials_per_task, "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
