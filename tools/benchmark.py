@@ -590,23 +590,24 @@ def machine_info() -> dict:
 
 
 def ship_schedules(results: dict, args) -> str:
-    """Merge the best record per workload of every tuned database of this run into
-    schedules/<target>/ (what ``compile`` uses by default)."""
+    """Merge the best record per workload of every tuned database of this run into the shipped
+    archive of the target's kernels, schedules/<key>/schedules.zip (what ``compile`` uses by default;
+    ``key`` e.g. x86-vnni for --target x86 on a VNNI host)."""
     from tvm.s_tir import meta_schedule as ms
 
-    dest = os.path.join(REPO, "schedules", args.target)
-    os.makedirs(dest, exist_ok=True)
-    dst = ms.database.JSONDatabase(work_dir=dest)
-    n = 0
+    from dsconv_tvm.driver.database import shipped_schedules_key
+    from dsconv_tvm.driver.shipped import ARCHIVE, write_shipped
+
+    dest = os.path.join(REPO, "schedules", shipped_schedules_key(args.target), ARCHIVE)
+    dbs = []
     for m in results["models"]:
         for variant, v in m.get("variants", {}).items():
             tun = v.get("tuning") or {}
             if not tun.get("tuned") or not variant.startswith("dsconv") and not args.ship_fp32:
                 continue
-            src = tune_dir(args, m["model"], variant)
-            ms.database.JSONDatabase(work_dir=src, allow_missing=False).dump_pruned(dst)
-            n += 1
-    log(f"merged {n} tuning databases into {dest}")
+            dbs.append(ms.database.JSONDatabase(work_dir=tune_dir(args, m["model"], variant), allow_missing=False))
+    n = write_shipped(dest, dbs)
+    log(f"merged {len(dbs)} tuning databases into {dest} ({n} workloads)")
     return dest
 
 
@@ -640,7 +641,7 @@ def parse_args(argv=None):
                     help="models of the per-layer report")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "results"))
     ap.add_argument("--name", default="benchmark_x86")
-    ap.add_argument("--ship", action="store_true", help="merge the tuned DSConv databases into schedules/<target>/")
+    ap.add_argument("--ship", action="store_true", help="merge the tuned DSConv databases into the shipped schedules/<key>/schedules.zip")
     ap.add_argument("--ship-fp32", action="store_true", help="with --ship: the fp32 databases too")
     ap.add_argument("--time-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
