@@ -34,8 +34,8 @@ def _mean(run_secs) -> float:
 def shipped_database(path: str | os.PathLike):
     """A read-only MetaSchedule database over a shipped archive (see the module docstring)."""
     import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class ShippedDatabase(ms.database.PyDatabase):
