@@ -55,10 +55,12 @@ def layer_bits(func: tirx.PrimFunc) -> int:
 
 
 def dot_intrin(func: tirx.PrimFunc, target: Target):
-    """The tensor intrinsic the schedule uses for this DSConv PrimFunc on ``target`` (or None)."""
+    """The tensor intrinsic the schedule uses for this DSConv PrimFunc on ``target`` (or None):
+    the target's widest one whose lanes divide the output channels."""
     sch = s_tir.Schedule(func)
     act = str(sch.get(sch.get_sblock("bfp_m")).writes[0].source.dtype)
-    return intrinsics.select(target, layer_bits(func), act)
+    co = int(sch.get(sch.get_sblock("dsconv_out")).writes[0].source.shape[1])
+    return intrinsics.select(target, layer_bits(func), act, co)
 
 
 def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
