@@ -42,17 +42,20 @@ def shipped_database(path: str | os.PathLike):
         def __init__(self, archive: str):
             super().__init__()
             self.path = archive
-            with zipfile.ZipFile(archive) as z:
-                self.hashes = {n[:-len(_RECORD)] for n in z.namelist() if n.endswith(_RECORD)}
+            self._zip = zipfile.ZipFile(archive)          # the central directory: the index
+            self.hashes = {n[:-len(_RECORD)] for n in self._zip.namelist() if n.endswith(_RECORD)}
             self._records: dict[str, list] = {}
+            self._last = (None, "")
 
         def _hash(self, mod) -> str:
-            return str(tvm_ffi.structural_hash(mod))
+            # a query hashes the same module up to three times (has, commit, top k): once here
+            if self._last[0] is None or not self._last[0].same_as(mod):
+                self._last = (mod, str(tvm_ffi.structural_hash(mod)))
+            return self._last[1]
 
         def _record_json(self, h: str) -> list:
             if h not in self._records:
-                with zipfile.ZipFile(self.path) as z:
-                    self._records[h] = json.loads(z.read(h + _RECORD))
+                self._records[h] = json.loads(self._zip.read(h + _RECORD))
             return self._records[h]
 
         def has_workload(self, mod) -> bool:
@@ -79,10 +82,9 @@ def shipped_database(path: str | os.PathLike):
         def entries(self):
             """(Workload, TuningRecord) of every entry (parses the stored PrimFuncs: slow)."""
             out = []
-            with zipfile.ZipFile(self.path) as z:
-                for h in sorted(self.hashes):
-                    w = ms.database.Workload.from_json(json.loads(z.read(h + _WORKLOAD)))
-                    out.append((w, ms.database.TuningRecord.from_json(self._record_json(h), w)))
+            for h in sorted(self.hashes):
+                w = self._workload(h)
+                out.append((w, ms.database.TuningRecord.from_json(self._record_json(h), w)))
             return out
 
         def verify(self) -> list[str]:
@@ -91,16 +93,16 @@ def shipped_database(path: str | os.PathLike):
                     if self._hash(self._workload(h).mod) != h]
 
         def _workload(self, h: str):
-            with zipfile.ZipFile(self.path) as z:
-                return ms.database.Workload.from_json(json.loads(z.read(h + _WORKLOAD)))
+            return ms.database.Workload.from_json(json.loads(self._zip.read(h + _WORKLOAD)))
 
     return ShippedDatabase(str(path))
 
 
-def write_shipped(archive: str | os.PathLike, databases, keep_existing: bool = True) -> int:
+def write_shipped(archive: str | os.PathLike, databases, keep_existing: bool = True, keep=None) -> int:
     """Merge the best record per workload of ``databases`` (MetaSchedule databases) and, with
     ``keep_existing``, of the archive already there, into ``archive``; returns the entry count.
-    Written to a temporary file and renamed."""
+    ``keep(record) -> bool`` filters the best new record of each workload.  Written to a temporary
+    file and renamed."""
     entries: dict[str, tuple[float, str, str]] = {}       # hash -> (mean run s, record, workload)
 
     def offer(h: str, mean: float, rec: str, wl: str) -> None:
@@ -115,14 +117,20 @@ def write_shipped(archive: str | os.PathLike, databases, keep_existing: bool = T
                     h = n[:-len(_RECORD)]
                     rec = z.read(n).decode()
                     offer(h, _mean(json.loads(rec)[1]), rec, z.read(h + _WORKLOAD).decode())
+    import tvm_ffi
+
+    best: dict[str, tuple[float, object]] = {}             # the new records: best per workload first
     for db in databases:
         for record in db.get_all_tuning_records():
             if not record.run_secs:
                 continue
-            wl = record.workload.as_json()
-            rec = record.as_json()
-            offer(str(wl[0]), _mean(rec[1]), json.dumps(rec, separators=(",", ":")),
-                  json.dumps(wl, separators=(",", ":")))
+            h, mean = str(tvm_ffi.structural_hash(record.workload.mod)), _mean(record.run_secs)
+            if h not in best or mean < best[h][0]:
+                best[h] = (mean, record)
+    for h, (mean, record) in best.items():
+        if keep is None or keep(record):
+            offer(h, mean, json.dumps(record.as_json(), separators=(",", ":")),
+                  json.dumps(record.workload.as_json(), separators=(",", ":")))
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
