@@ -85,6 +85,33 @@ def test_no_import_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def _room(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "backends" and parts[2] in ("cpu", "cuda"):
+        return f"backends/{parts[2]}"
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_data_flows_one_way_between_rooms():
+    """No two rooms (scheme/, frontend/, rewrite/, backends/, driver/ ...) import each other, even
+    through others: the package is layered, scheme at the bottom, cli at the top."""
+    edges: dict[str, set] = {}
+    for m, imported in _imports(_modules()).items():
+        for d, *_ in imported:
+            if _room(m) != _room(d) and _room(d) != "dsconv_tvm":
+                edges.setdefault(_room(m), set()).add(_room(d))
+
+    def reach(a, seen):
+        for b in edges.get(a, ()):
+            if b not in seen:
+                seen.add(b)
+                reach(b, seen)
+        return seen
+
+    both_ways = sorted(f"{a} <-> {b}" for a in edges for b in reach(a, set()) if a in reach(b, set()) and a < b)
+    assert not both_ways, both_ways
+
+
 def test_no_private_name_imported_across_modules():
     bad = [f"{m}:{line} imports {name} from {d}" for m, edges in _imports(_modules()).items()
            for d, name, line, _ in edges if name.startswith("_") and not name.startswith("__") and d != m]

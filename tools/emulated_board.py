@@ -242,6 +242,66 @@ exec {QEMU} -L "$here/root" "$here/root/usr/bin/python{PY_VERSION}" "$@"
 
 
 # ------------------------------------------------------------------------------------------------
+# optional: ONNX Runtime for the board (tools/arm_count.py), in its own cached directory
+# ------------------------------------------------------------------------------------------------
+def ort_site(cache: str | os.PathLike | None = None, version: str | None = None) -> Path:
+    """Where the board's onnxruntime ``version`` (default: the host's) is installed:
+    ``<cache>/emulated-board/ort-<version>/site`` (beside the board, not inside it, so the board
+    build and its ``FORMAT`` are unchanged)."""
+    return board_dir(cache) / f"ort-{version or _host_ort_version()}" / "site"
+
+
+def _host_ort_version() -> str:
+    try:
+        from importlib.metadata import version as _v
+        return _v("onnxruntime")
+    except Exception:  # noqa: BLE001
+        raise BoardSetupError("onnxruntime is not installed on this host (pip install onnxruntime): "
+                              "its version selects the board's aarch64 wheel") from None
+
+
+def ensure_ort_site(cache: str | os.PathLike | None = None, version: str | None = None,
+                    log=print) -> Path:
+    """The aarch64 cp311 onnxruntime wheel installed (``--no-deps``: the board's numpy is enough to
+    run sessions) into :func:`ort_site`; downloaded once, cached, made atomically.  Add the returned
+    directory to the board's ``PYTHONPATH``."""
+    version = version or _host_ort_version()
+    site = ort_site(cache, version)
+    top = site.parent
+    if (top / "DONE").exists():
+        return site
+    top.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(top.parent):
+        if (top / "DONE").exists():
+            return site
+        work = Path(tempfile.mkdtemp(prefix=".ort-build-", dir=top.parent))
+        try:
+            wheels = top.parent / "downloads" / "wheels"
+            wheels.mkdir(parents=True, exist_ok=True)
+            pip = [sys.executable, "-m", "pip"]
+            plat = ["--only-binary=:all:", "--platform", "manylinux_2_28_aarch64",
+                    "--platform", "manylinux2014_aarch64", "--python-version", PY_VERSION,
+                    "--implementation", "cp"]
+            log(f"board: aarch64 wheel onnxruntime=={version}")
+            _run([*pip, "download", "-q", "--no-deps", *plat, "-d", wheels,
+                  f"onnxruntime=={version}"], log)
+            whl = sorted(wheels.glob(f"onnxruntime-{version}-*aarch64*.whl"))
+            if not whl:
+                raise BoardSetupError(f"no aarch64 cp311 wheel of onnxruntime=={version} was downloaded")
+            _run([*pip, "install", "-q", "--no-deps", "--no-compile", "--target", work / "site",
+                  *plat, "--abi", "cp311", whl[-1]], log)
+            (work / "DONE").write_text(json.dumps({"onnxruntime": version, "python": PY_VERSION,
+                                                   "built": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            if top.exists():
+                shutil.rmtree(top, ignore_errors=True)
+            os.rename(work, top)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    return site
+
+
+# ------------------------------------------------------------------------------------------------
 # running it
 # ------------------------------------------------------------------------------------------------
 def board_env(board: Board) -> dict:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian/Ubuntu packages dsconv-tvm needs: the host and cross C++ compilers that link the
-# exported .so files, qemu-user-static (runs aarch64/armv7 binaries in tests), the Fashion-MNIST data
-# set, `file` and cmake.  Idempotent: if every package is already installed, apt is not touched.
+# exported .so files, qemu-user-static (runs aarch64/armv7 binaries in tests), qemu-user (the
+# dynamically linked qemu-aarch64, which loads TCG plugins: tools/arm_count.py counts instructions
+# with one), llvm-19 (llvm-mca with a
+# Cortex-A76-class (Neoverse N1) scheduling model, for tools/arm_mca.py), the Fashion-MNIST data set, `file` and cmake.  Idempotent: if every package is already installed, apt is not touched.
 #
 # Usage: sudo tools/install_system_deps.sh      (or as root; uses sudo itself when available)
 set -euo pipefail
@@ -11,6 +13,8 @@ PACKAGES=(
     g++-aarch64-linux-gnu
     g++-arm-linux-gnueabihf
     qemu-user-static
+    qemu-user
+    llvm-19
     dataset-fashion-mnist
     file
     cmake

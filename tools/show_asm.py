@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tvm  # noqa: E402
 
 from dsconv_tvm.backends.cpu.intrinsics import activation_dtype, isa_of  # noqa: E402
-from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc  # noqa: E402
 from dsconv_tvm.scheme.geometry import ConvGeometry  # noqa: E402
 from dsconv_tvm.backends.cpu.schedule import schedule_dsconv_cpu  # noqa: E402

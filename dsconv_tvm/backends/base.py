@@ -67,7 +67,7 @@ class Backend:
         raise NotImplementedError
 
     def primfunc(self, layer):
-        """The unscheduled PrimFunc of one :class:`~dsconv_tvm.rewrite.layer.DSConvLayer`."""
+        """The unscheduled PrimFunc of one :class:`~dsconv_tvm.scheme.layer.DSConvLayer`."""
         raise NotImplementedError
 
     def layer_params(self, layer, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..rewrite.layer import ACTIVATIONS, DSConvLayer
 from ..scheme.bfp import E_MAX, E_MIN, fraction_bits, mantissa_range, num_blocks
+from ..scheme.layer import ACTIVATIONS, DSConvLayer
 
 #: The PrimFunc attribute every backend sets on its DSConv functions (and only there): the test of
 #: "is this a DSConv layer" everywhere (schedules, tuning, reports).

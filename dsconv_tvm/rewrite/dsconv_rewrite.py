@@ -27,9 +27,9 @@ from tvm import relax
 from ..backends.base import Backend, backend_for
 from ..config import DSConvConfig
 from ..scheme.geometry import ConvGeometry
+from ..scheme.layer import DSConvLayer
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
-from .layer import DSConvLayer
 from .report import ConversionReport, LayerReport
 
 _NONNEG_PASSTHROUGH = {

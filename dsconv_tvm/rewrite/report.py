@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..scheme.geometry import ConvGeometry
-from .layer import DSConvLayer
+from ..scheme.layer import DSConvLayer
 
 
 @dataclass

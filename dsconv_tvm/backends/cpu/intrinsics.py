@@ -74,6 +74,17 @@ def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
     vpmaddwd against ones to i32 and added to C."""
     nbytes = lanes * TAP
 
+    def _update(A, B, C):
+        # one expression, built here in Python: a name bound inside the prim_func body would become
+        # a TIR let, which TVM 0.27 turns into a workspace allocation in every call
+        def maddubs_half(half):
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), _splat(A, half, "uint8", lanes),
+                                           B.vload([half, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}")
+
+        pairs = maddubs_half(0) + maddubs_half(1)
+        return C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=f"int32x{lanes}")
+
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sb = T.int32()
@@ -83,15 +94,7 @@ def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
             T.writes(C[0:lanes])
-            lo = _splat(A, 0, "uint8", lanes)
-            hi = _splat(A, 1, "uint8", lanes)
-            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), lo,
-                                            B.vload([0, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}") \
-                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), hi,
-                                          B.vload([1, 0, 0], f"int8x{nbytes}"), dtype=f"int16x{2 * lanes}")
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], f"int32x{lanes}") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), 2 * lanes),
-                dtype=f"int32x{lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = _update(A, B, C)
 
     return impl
 
@@ -102,6 +105,16 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
     0.27's own VNNI intrinsic passes i32 vectors and fails LLVM verification, hence these)."""
     nbytes = lanes * TAP
 
+    def _update(A, B, C):
+        # one expression (see _x86_pmadd): the two halves accumulated in turn into C
+        def dot(acc, half):
+            w, x = B.vload([half, 0, 0], f"int8x{nbytes}"), _splat(A, half, act_dtype, lanes)
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), acc,
+                                           w if weights_first else x, x if weights_first else w,
+                                           dtype=f"int32x{lanes}")
+
+        return dot(dot(C.vload([0], f"int32x{lanes}"), 0), 1)
+
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sb = T.int32()
@@ -111,16 +124,7 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
             T.writes(C[0:lanes])
-            lo = _splat(A, 0, act_dtype, lanes)
-            hi = _splat(A, 1, act_dtype, lanes)
-            w_lo = B.vload([0, 0, 0], f"int8x{nbytes}")
-            w_hi = B.vload([1, 0, 0], f"int8x{nbytes}")
-            first = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], f"int32x{lanes}"),
-                                            w_lo if weights_first else lo, lo if weights_first else w_lo,
-                                            dtype=f"int32x{lanes}")
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name), first, w_hi if weights_first else hi,
-                hi if weights_first else w_hi, dtype=f"int32x{lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = _update(A, B, C)
 
     return impl
 
@@ -128,10 +132,25 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
 _SMULL = "llvm.aarch64.neon.smull.v8i16"
 
 
+def _neon_update(A, B, C):
+    """Cortex-A72 has no sdot: widen-multiply two output channels per smull (8 x i16), add the two
+    4-channel halves in i16, add neighbouring pairs (addp), then add pairs into i32 (sadalp).  One
+    expression (see _x86_pmadd)."""
+    def channel_pair(o):         # output channels o, o+1: both halves, products added in i16
+        def smull(half):
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([half, o, 0], "int8x8"),
+                                           _splat(A, half, "int8", 2), dtype="int16x8")
+
+        return smull(0) + smull(1)
+
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
+                                    channel_pair(0), channel_pair(2), dtype="int16x8")
+    return C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
+
+
 @T.prim_func(s_tir=True)
 def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    # Cortex-A72 has no sdot: widen-multiply two output channels per smull (8 x i16), add the two
-    # 4-channel halves in i16, add neighbouring pairs (addp), then add pairs into i32 (sadalp).
     sb = T.int32()
     A = T.match_buffer(a, (2 * TAP,), "int8", offset_factor=1)
     B = T.match_buffer(b, (2, 4, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
@@ -139,20 +158,7 @@ def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4], A[0:2 * TAP], B[0:2, 0:4, 0:TAP])
         T.writes(C[0:4])
-        lo = _splat(A, 0, "int8", 2)
-        hi = _splat(A, 1, "int8", 2)
-        p01 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([0, 0, 0], "int8x8"), lo,
-                                      dtype="int16x8") \
-            + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([1, 0, 0], "int8x8"), hi,
-                                      dtype="int16x8")
-        p23 = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([0, 2, 0], "int8x8"), lo,
-                                      dtype="int16x8") \
-            + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([1, 2, 0], "int8x8"), hi,
-                                      dtype="int16x8")
-        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
-                                        p01, p23, dtype="int16x8")
-        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
+        C[T.ramp(T.int32(0), 1, 4)] = _neon_update(A, B, C)
 
 
 _INTRINS: dict[str, DotIntrin] = {}

@@ -18,7 +18,7 @@ The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.sche
 
 from __future__ import annotations
 
-from ...rewrite.layer import ACT_DTYPES, DSConvLayer
+from ...scheme.layer import ACT_DTYPES, DSConvLayer
 from ..common import bfp_stages, block_scaled_sum, epilogue, layer_primfunc
 from .layout import TAP, act_offset, slots, weight_shape
 

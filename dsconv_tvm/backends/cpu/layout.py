@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...rewrite.layer import DSConvLayer
 from ...scheme.bfp import mantissa_range
+from ...scheme.layer import DSConvLayer
 from ..common import pack_scales, slot_weights
 
 TAP = 4          # channels per byte-dot-product lane (vpmaddubsw pairs x2, vpdpbusd, sdot)

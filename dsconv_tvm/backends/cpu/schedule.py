@@ -159,7 +159,6 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # float accumulation across blocks and taps
     sch.vectorize(oi)
     sch.unroll(qi)
-    sch.set_scope(out_blk, 0, "local")
     sch.reverse_compute_at(epi_blk, qo, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(epi_blk)[-1])
     init = sch.decompose_reduction(acc_blk, kb)
@@ -169,11 +168,11 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     if intrin is not None:
         sch.unroll(a_oa)
         sch.tensorize(a_ob, intrin.name)
-    # registers / stack: the int tile, the unpacked weights of one group (after tensorize: the
-    # intrinsics describe plain buffers)
-    sch.set_scope(init, 0, "local")
-    if unpack is not None:
-        sch.set_scope(unpack, 0, "local")
+    # The float tile, the int tile and the unpacked weights of one group stay in the default
+    # ("global") scope: compacted to their tile inside the loops, TVM 0.27's LowerTVMBuiltin puts
+    # such small constant-size buffers on the stack, whereas "local" ones become a
+    # TVMBackendAllocWorkspace/Free pair in every iteration of the parallel loop (see the
+    # `load ptr, ptr @__TVMBackendAllocWorkspace` lines of the library's LLVM IR).
 
     # activation quantization: parallel over (image, block, row); vectorized along rows
     if not sample and _unpadded(sch):

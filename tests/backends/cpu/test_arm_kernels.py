@@ -6,7 +6,7 @@ import pytest
 import tvm
 from tvm import rpc
 
-from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import layer_params
 from dsconv_tvm.scheme.geometry import ConvGeometry

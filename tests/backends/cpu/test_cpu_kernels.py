@@ -8,7 +8,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import layer_params, pack_weights, unpack_weights
 from dsconv_tvm.scheme.geometry import ConvGeometry
@@ -238,7 +238,7 @@ def test_x86_plain_vector_fallback_for_8_bit_weights():
 def test_armv7_compiles_with_neon():
     asm = _asm("rpi-armv7", DSConvLayer((1, 32, 8, 8), 16, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)),
                                         4, 32, 8, True))
-    assert re.search(r"\bvml[a]\.i32\s+q\d+|\bvmlal\.s16\s+q\d+|\bvmul\.i32\s+q\d+", asm)
+    assert re.search(r"\bvml[a]\.i32\s+q\d+|\bvmlal\.[su]16\s+q\d+|\bvmul\.i32\s+q\d+", asm)
 
 
 # ---- the default schedules of the fp32 ops a DSConv model keeps (stem conv, pooling) ---------------

@@ -13,7 +13,7 @@ from dsconv_tvm.backends.cuda import arch as cuda_arch
 from dsconv_tvm.backends.cuda import kernels, nvrtc, schedule
 from dsconv_tvm.backends.cuda import ptx as ptx_module
 from dsconv_tvm.errors import TargetError
-from dsconv_tvm.rewrite.layer import DSConvLayer
+from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.reference import dsconv2d
 from dsconv_tvm.target import get_target

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..scheme.bfp import num_blocks
-from ..scheme.geometry import ConvGeometry
+from .bfp import num_blocks
+from .geometry import ConvGeometry
 
 ACTIVATIONS = ("none", "relu")
 ACT_DTYPES = ("uint8", "int8")
