@@ -432,7 +432,9 @@ def markdown(results: dict) -> str:
     peak = results["peak"]
     out.write(f"Machine: {mach['cpu']} ({mach['llvm_cpu']}), {results['threads']} threads pinned to cores "
               f"{results['cores']}; target {results['target']}; batch 1; {results['repeat']} x "
-              f"{results['number']} timed calls after {results['warmup']} warm-up calls (variants slower than "
+              f"{results['number']} timed calls after {results['warmup']} warm-up calls; load average (1, 5, 15 min) "
+              f"before / after: {results.get('load_average', {}).get('before', '?')} / "
+              f"{results.get('load_average', {}).get('after', '?')} (variants slower than "
               f"the {results.get('budget', '?')} s budget: number 1 and fewer repeats, see the JSON); "
               f"tuning budget: {budget_text(results['trials'], results.get('trials_per_task')) if not results['no_tune'] else 'none (--no-tune)'}"
               f" for each TVM variant.\n\n")
@@ -665,6 +667,7 @@ def run(args) -> dict:
     log(f"int8 peak {peak['peak_gops']:.0f} GOP/s measured ({peak['sequence']}, "
         f"{peak['macs_per_cycle_per_core']:.1f} MACs/cycle/core at {peak['clock_hz'] / 1e9:.2f} GHz x "
         f"{len(cores)} cores)")
+    load_before = [round(v, 2) for v in os.getloadavg()]
     results = {"machine": machine_info(), "target": args.target, "threads": args.threads, "cores": cores,
                "trials": args.trials, "trials_per_task": args.trials_per_task, "no_tune": args.no_tune, "warmup": args.warmup, "repeat": args.repeat,
                "number": args.number, "budget": args.budget, "images": args.images, "peak": peak, "models": [], "layers": []}
@@ -676,6 +679,7 @@ def run(args) -> dict:
             results["models"].append(row)
             results["layers"] += layers
     results["seconds"] = round(time.time() - t0, 1)
+    results["load_average"] = {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]}
     results["goals"] = goals(results)
     return results
 
