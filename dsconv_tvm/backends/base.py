@@ -92,6 +92,11 @@ class Backend:
         """The pass giving every PrimFunc not yet scheduled its default schedule."""
         raise NotImplementedError
 
+    def schedules_key(self, target_name: str) -> str:
+        """The folder of ``schedules/`` whose shipped records fit this target (their traces name
+        the kernels' tensor intrinsics): by default the target's own name."""
+        return target_name
+
     # -- tuning ---------------------------------------------------------------------------------
     def dsconv_tuning_space(self):
         """(space generator, search strategy) of the DSConv tasks, or None: MetaSchedule's generic

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     c.add_argument("--report-json", default=None, help="also write the per-layer report as JSON")
     c.add_argument("--tuning-db", default=None, metavar="DIR",
                    help="MetaSchedule database from `dsconv-tvm tune` (default: the shipped "
-                        "schedules/<target>/ if any, else the default schedules)")
+                        "schedules/<key>/ for the target's kernels if any, else the default schedules)")
     c.add_argument("--bundle", default=None, metavar="DIR",
                    help="also write DIR to copy to the board: the .so, the TVM runtime libraries for "
                         "the target, the C++ example's source, a sample input and a README.txt")

@@ -1,5 +1,6 @@
-"""Where ``compile`` takes its schedules from, in order: ``--tuning-db DIR``, the shipped database
-of the target in ``schedules/<target>/``, the default schedules."""
+"""Where ``compile`` takes its schedules from, in order: ``--tuning-db DIR``, the shipped schedules
+for the target's kernels in ``schedules/<key>/schedules.zip`` (:mod:`.shipped`; ``key`` from the
+target's backend, e.g. ``x86-vnni`` for ``--target x86`` on a VNNI host), the default schedules."""
 
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ from ..backends.base import backend_for
 from ..errors import OutputError
 from ..fileio import atomic_write_text
 from ..target import get_target
+from .shipped import ARCHIVE, shipped_database
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
+def shipped_schedules_key(target_name: str) -> str:
+    """The folder of ``schedules/`` for a target (its backend decides: x86 by kernel ISA)."""
+    spec = get_target(target_name)
+    return backend_for(spec.tvm_target()).schedules_key(spec.name)
+
+
 def shipped_schedules_dir(target_name: str) -> Path | None:
-    """``schedules/<target>/`` (source checkout) or ``dsconv_tvm/data/schedules/<target>/`` (wheel)."""
+    """``schedules/<key>/`` (source checkout) or ``dsconv_tvm/data/schedules/<key>/`` (wheel) when
+    it holds the shipped archive."""
     package = Path(__file__).resolve().parent.parent
+    key = shipped_schedules_key(target_name)
     for base in (package / "data" / "schedules", package.parent / "schedules"):
-        cand = base / target_name
-        if all((cand / f).is_file() for f in DB_FILES):
-            return cand
+        if (base / key / ARCHIVE).is_file():
+            return base / key
     return None
 
 
@@ -47,7 +56,7 @@ def find_database(target_name: str, tuning_db: str | None):
         return open_user_database(tuning_db), f"tuning database {tuning_db}"
     shipped = shipped_schedules_dir(target_name)
     if shipped is not None:
-        return ms.database.JSONDatabase(work_dir=str(shipped), allow_missing=False), f"shipped schedules/{target_name}"
+        return shipped_database(shipped / ARCHIVE), f"shipped schedules/{shipped.name}"
     return None, "default schedules"
 
 

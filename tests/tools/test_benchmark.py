@@ -133,15 +133,24 @@ def test_ort_int8_is_close_to_fp32(tmp_path):
     assert bm.initializer_bytes(int8) < 0.4 * bm.initializer_bytes(fp32)
 
 
-def test_int8_peak_formula():
-    p = bp.int8_peak("avx2", 4.0e9, 2)
-    assert p["peak_gops"] == pytest.approx(2 * 64 * 4.0 * 2)
-    assert bp.int8_peak("avx512vnni", 3.0e9, 1)["peak_gops"] == pytest.approx(2 * 64 * 3.0)
+def _measured(isa="avx2", gmacs=230.0, clock=4e9, cores=2):
+    return {"clock_hz": clock, "cores": cores, "threads": [],
+            "sequences": {isa: {"gmacs": gmacs, "macs_per_cycle_per_core": gmacs * 1e9 / clock / cores,
+                                "sequence": bp.SEQUENCES[isa]}}}
+
+
+def test_int8_peak_is_the_measured_sequence():
+    p = bp.peak_for("vnni", _measured("vnni", 1000.0, 4e9, 2))
+    assert p["peak_gops"] == pytest.approx(2000.0)
+    assert p["macs_per_cycle_per_core"] == pytest.approx(125.0)
     with pytest.raises(ValueError):
-        bp.int8_peak("sse2", 1e9, 1)
+        bp.peak_for("vnni", _measured("avx2"))
+    with pytest.raises(ValueError):
+        bp.peak_for(None, _measured("avx2"))
     from dsconv_tvm.target import get_target
-    assert bp.isa_of_target(get_target("x86-avx2")) == "avx2"
-    assert bp.isa_of_target(get_target("x86-vnni")) in ("avx512vnni", "avxvnni")
+    assert bp.kernel_isa(get_target("x86-avx2")) == "avx2"
+    assert bp.kernel_isa(get_target("x86-vnni")) == "vnni"
+    assert bp.kernel_isa(get_target("x86-avx512")) == "avx512"
 
 
 def _fake_results():
@@ -158,11 +167,11 @@ def _fake_results():
     bench.add_ratios(row, 4000)
     return {"machine": {"cpu": "cpu", "llvm_cpu": "x"}, "target": "x86-avx2", "threads": 2, "cores": [0, 1],
             "trials": 8, "no_tune": False, "warmup": 1, "repeat": 2, "number": 1, "images": 4,
-            "peak": bp.int8_peak("avx2", 4e9, 2) | {"measured_avx2_gmacs": 230.0},
+            "peak": bp.peak_for("avx2", _measured()),
             "models": [row, {"model": "gone", "skipped": True}],
             "layers": [{"model": "net", "variant": "dsconv_b64", "layer": "conv", "in_shape": [1, 64, 8, 8],
                         "out_shape": [1, 64, 8, 8], "kernel": [3, 3], "strides": [1, 1], "median_ms": 0.1,
-                        "int_gops": 100.0, "fraction_of_peak": 100 / 512, "goal_3x3_ge64": True}]}
+                        "int_gops": 100.0, "fraction_of_peak": 100 / 460, "goal_ge64": True}]}
 
 
 def test_ratios_and_writers(tmp_path):
@@ -185,9 +194,9 @@ def test_ratios_and_writers(tmp_path):
     md = (tmp_path / "b.md").read_text()
     assert "| net | DSConv W4 B=32 m=8 | 4.000 (3.600-4.800) | 0.40 | 0.80 | 0.50 |" in md
     assert "failed: RuntimeError: boom" in md and "Skipped: gone" in md
-    assert "| 100.0 | 19.5 | yes |" in md
-    assert "1024 GOP/s" in md
-    assert "(the worst such layer) | 0.195 | NO |" in md and "| - | not measured |" in md
+    assert "| 100.0 | 21.7 | yes |" in md
+    assert "int8 peak: 460 GOP/s, measured" in md
+    assert "(the worst such layer) | 0.217 | NO |" in md and "| - | not measured |" in md
     if "b.png" in {os.path.basename(p) for p in written}:
         assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

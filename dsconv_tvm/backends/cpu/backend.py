@@ -101,6 +101,14 @@ class CPUBackend(Backend):
 
         return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), PoolCPU(), ParallelFallback())
 
+    def schedules_key(self, target_name: str) -> str:
+        """x86 targets share the records of their kernels' dot-product instruction set (the traces
+        name its intrinsic), whatever the CPU is called: ``--target x86`` on a VNNI host finds
+        ``x86-vnni``, on an AVX2 host ``x86-avx2``.  ARM targets: by name."""
+        from .intrinsics import isa_of
+
+        return X86_SCHEDULE_KEYS.get(isa_of(self.target), target_name)
+
     # -- tuning ---------------------------------------------------------------------------------
     def dsconv_tuning_space(self):
         from .schedule import tuning_space
@@ -112,6 +120,10 @@ class CPUBackend(Backend):
         if spec.cross_compiler:
             opts["f_export"] = export_with(spec.cross_compiler)
         return opts
+
+
+#: the schedules/ folder of each x86 kernel instruction set (:func:`.intrinsics.isa_of`)
+X86_SCHEDULE_KEYS = {"vnni": "x86-vnni", "avx512": "x86-avx512", "avx2": "x86-avx2"}
 
 
 def export_with(cc: str):

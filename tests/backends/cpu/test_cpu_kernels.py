@@ -101,7 +101,20 @@ TENSORIZED = [
     ((1, 40, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 6, 32, True, "uint8", False),   # int8 weights, partial
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "int8", False),    # ARM storage: -128
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, "uint8", False),  # 8 bits: vnni only
+    ((1, 128, 1, 1), 40, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, True, "uint8", False),  # 40 = 2 x 16 + 8
 ]
+
+
+def test_narrower_intrinsic_when_the_wide_one_does_not_divide_the_channels():
+    """A 1000-class classifier on AVX-512 / VNNI: 8-lane ymm dot products, not the plain schedule."""
+    layer = DSConvLayer((1, 256, 1, 1), 1000, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "none")
+    func = dsconv_primfunc(layer)
+    for name in ("x86-avx512", "x86-vnni"):
+        assert dot_intrin(func, get_target(name).tvm_target()).isa == "avx2"
+    wide = DSConvLayer((1, 256, 1, 1), 1008, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "none")
+    assert dot_intrin(dsconv_primfunc(wide), get_target("x86-vnni").tvm_target()).isa == "vnni"
+    arm = DSConvLayer((1, 256, 1, 1), 1000, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "none", "int8")
+    assert dot_intrin(dsconv_primfunc(arm), get_target("rpi5").tvm_target()).isa == "sdot"
 
 
 @pytest.mark.parametrize("path", list(RUNNABLE))
