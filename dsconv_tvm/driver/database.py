@@ -45,7 +45,6 @@ def is_database_dir(path: str | os.PathLike) -> bool:
 def find_database(target_name: str, tuning_db: str | None):
     """(database, where) for ``compile``: the user's, else the shipped one, else (None, "default").
     The target's backend is prepared first: the records' traces name its tensor intrinsics."""
-    from tvm.s_tir import meta_schedule as ms
 
     backend_for(get_target(target_name).tvm_target()).prepare()
 
