@@ -27,15 +27,19 @@ REPO = Path(__file__).resolve().parent.parent
 EMULATED_KEY = "rpi-emu"
 
 
-def load_emulated_board_tool():
-    name = "emulated_board"
+def load_tool(name: str):
+    """The module ``tools/<name>.py`` (the tools are scripts, not a package), loaded once."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "emulated_board.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_emulated_board_tool():
+    return load_tool("emulated_board")
 
 
 def free_port() -> int:

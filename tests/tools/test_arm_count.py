@@ -8,7 +8,6 @@ not a dependency)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CI_JSON = REPO / "results" / "arm_count_ci.json"
@@ -23,14 +23,7 @@ TOLERANCE = 0.03          # relative change of the count that fails the regressi
 
 
 def _tool():
-    name = "arm_count"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "arm_count.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("arm_count")
 
 
 @pytest.fixture(scope="module")
