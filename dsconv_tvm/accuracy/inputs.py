@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
+from ..scheme.metrics import first_non_finite
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -160,10 +161,10 @@ def load_inputs(path: str, model_shape, model_dtype: str = "float32", what: str 
     if not np.issubdtype(a.dtype, np.floating):
         raise DataError(f"{what} {path}: dtype {a.dtype}; the model takes {model_dtype}: give floating-point "
                         f"values, preprocessed as the model expects")
-    bad = ~np.isfinite(a)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise DataError(f"{what} {path}: contains {a[idx]} at index {list(idx)} ({int(bad.sum())} non-finite values)")
+    found = first_non_finite(a)
+    if found is not None:
+        idx, value, count = found
+        raise DataError(f"{what} {path}: contains {value} at index {list(idx)} ({count} non-finite values)")
     return np.ascontiguousarray(a.astype(model_dtype, copy=False))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelError
+from ..scheme.metrics import first_non_finite
 
 #: larger magnitudes are not weights: their squares and sums overflow float32 in the kernels
 MAX_ABS_VALUE = 1e30
@@ -46,11 +47,11 @@ def check_values(model, path: str, stage: str = "") -> None:
         if arr.dtype.kind != "f" or arr.size == 0:
             continue
         a = arr.astype(np.float64, copy=False)
-        bad = ~np.isfinite(a)
+        found = first_non_finite(a)
         what = None
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            what = f"contains {float(a[idx])} at index {idx} ({int(bad.sum())} non-finite values)"
+        if found is not None:
+            idx, value, count = found
+            what = f"contains {float(value)} at index {idx} ({count} non-finite values)"
         else:
             big = np.abs(a) > MAX_ABS_VALUE
             if big.any():

@@ -9,12 +9,21 @@ import numpy as np
 from ..errors import NumericsError
 
 
+def first_non_finite(x: np.ndarray):
+    """(index, value, count) of the first NaN/Inf of ``x`` and how many there are; None if none."""
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return None
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    return idx, x[idx], int(bad.sum())
+
+
 def check_finite(x: np.ndarray, what: str) -> None:
     """Raise :class:`NumericsError` naming the first NaN/Inf of ``x`` (``what`` names the tensor)."""
-    bad = ~np.isfinite(x)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise NumericsError(f"{what} contains NaN/Inf at index {idx} (value {x[idx]!r}); "
+    found = first_non_finite(x)
+    if found is not None:
+        idx, value, _ = found
+        raise NumericsError(f"{what} contains NaN/Inf at index {idx} (value {value!r}); "
                             "values must be finite")
 
 

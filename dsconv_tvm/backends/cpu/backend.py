@@ -3,6 +3,7 @@ dot product)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ...host import HOST_FEATURE_NAMES, host_features, mcpu_features
@@ -64,8 +65,8 @@ class CPUBackend(Backend):
         return all(host.get(f, False) for f in spec.features if f in HOST_FEATURE_NAMES)
 
     # -- kernels --------------------------------------------------------------------------------
-    @property
-    def act_dtype(self) -> str:
+    @functools.cached_property
+    def act_dtype(self) -> str:          # asked once per converted layer by the pass: asked LLVM once
         from .intrinsics import activation_dtype
 
         return activation_dtype(self.target)
