@@ -15,7 +15,7 @@ isa         L     instructions per call                                        m
 avx2        8     2 vpmaddubsw (u8*s8 -> i16 pairs), vpaddw, vpmaddwd (-> i32)  uint8 x int8
 avx512      16    the same on zmm registers (AVX-512BW)                        uint8 x int8
 vnni        16    2 vpdpbusd (u8*s8, 4 products accumulated in i32)            uint8 x int8
-sdot        4     2 sdot (s8*s8, 4 products accumulated in i32), Cortex-A76+   int8 x int8
+sdot        4     2 by-element sdot (s8*s8, 4 products into i32), Cortex-A76+  int8 x int8
 neon        4     4 smull (s8*s8 -> i16), add, addp, sadalp (-> i32), A72      int8 x int8
 ==========  ====  ===========================================================  ==============
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -62,9 +63,18 @@ def _desc(lanes: int, act_dtype: str):
     return desc
 
 
-def _splat(A, half: int, dtype: str, copies: int):
+def _splat(A, half: int, dtype: str, copies: int, by_lane: bool = False):
     """The 4 activation bytes of one 4-channel half (0 or 1) of ``A``, repeated ``copies`` times as
-    one byte vector (one 32-bit broadcast): the operand facing ``copies`` output channels."""
+    one byte vector (one 32-bit broadcast): the operand facing ``copies`` output channels.
+
+    ``by_lane``: the broadcast is a shuffle of lane ``half`` of the 8 bytes loaded as two 32-bit
+    words, which LLVM folds into the by-element form of the instruction that takes it (AArch64
+    ``sdot v.4s, v.16b, v.4b[half]``): one plain 8-byte load serves both halves and every output
+    channel group of the pixel, instead of one ``ld1r`` (and its address arithmetic) per call."""
+    if by_lane:
+        words = T.reinterpret(A.vload([0], f"{dtype}x8"), dtype="int32x2")
+        lanes = tirx.Shuffle([words] * (copies // 2), [half] * copies)
+        return T.reinterpret(lanes, dtype=f"{dtype}x{copies * TAP}")
     word = T.reinterpret(A.vload([half * TAP], f"{dtype}x4"), dtype="int32")
     return T.reinterpret(T.broadcast(word, copies), dtype=f"{dtype}x{copies * TAP}")
 
@@ -99,7 +109,7 @@ def _x86_pmadd(lanes: int, maddubs: str, maddwd: str):
     return impl
 
 
-def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first: bool):
+def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first: bool, by_lane: bool = False):
     """Instructions that multiply 4 bytes and accumulate into i32 lanes themselves (vpdpbusd,
     sdot): one call per 4-channel half.  LLVM 22 declares both with byte-vector operands (TVM
     0.27's own VNNI intrinsic passes i32 vectors and fails LLVM verification, hence these)."""
@@ -108,7 +118,7 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
     def _update(A, B, C):
         # one expression (see _x86_pmadd): the two halves accumulated in turn into C
         def dot(acc, half):
-            w, x = B.vload([half, 0, 0], f"int8x{nbytes}"), _splat(A, half, act_dtype, lanes)
+            w, x = B.vload([half, 0, 0], f"int8x{nbytes}"), _splat(A, half, act_dtype, lanes, by_lane)
             return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm_name), acc,
                                            w if weights_first else x, x if weights_first else w,
                                            dtype=f"int32x{lanes}")
@@ -181,7 +191,7 @@ def register() -> None:
     _register("avx512", 16, "uint8", 6,
               _x86_pmadd(16, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
     _register("vnni", 16, "uint8", 8, _accumulating_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512", False))
-    _register("sdot", 4, "int8", 8, _accumulating_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True))
+    _register("sdot", 4, "int8", 8, _accumulating_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True, True))
     _register("neon", 4, "int8", 6, _neon_impl)
 
 
