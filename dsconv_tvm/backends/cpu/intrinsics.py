@@ -16,11 +16,12 @@ avx2        8     2 vpmaddubsw (u8*s8 -> i16 pairs), vpaddw, vpmaddwd (-> i32)  
 avx512      16    the same on zmm registers (AVX-512BW)                        uint8 x int8
 vnni        16    2 vpdpbusd (u8*s8, 4 products accumulated in i32)            uint8 x int8
 sdot        4     2 by-element sdot (s8*s8, 4 products into i32), Cortex-A76+  int8 x int8
-neon        4     4 smull (s8*s8 -> i16), add, addp, sadalp (-> i32), A72      int8 x int8
+neon        4     2 smull + 2 smlal (s8*s8 -> i16, high halves: smull2 or one  int8 x int8
+                  ext per tile), addp, sadalp (-> i32), Cortex-A72
 ==========  ====  ===========================================================  ==============
 
 The i16 steps are exact for the weights they are given (``max_bits``): the two vpmaddubsw
-results added in i16 hold 4 products of at most 255 * 32 (6-bit weights), the smull/add/addp
+results added in i16 hold 4 products of at most 255 * 32 (6-bit weights), the smull/smlal/addp
 sums 4 products of at most 128 * 32.  Wider weights use vnni / sdot or the plain vector schedule
 (:func:`select`).
 """
@@ -143,18 +144,25 @@ _SMULL = "llvm.aarch64.neon.smull.v8i16"
 
 
 def _neon_update(A, B, C):
-    """Cortex-A72 has no sdot: widen-multiply two output channels per smull (8 x i16), add the two
-    4-channel halves in i16, add neighbouring pairs (addp), then add pairs into i32 (sadalp).  One
+    """Cortex-A72 has no sdot.  The 4 output channels' weights of one 4-channel half are one
+    16-byte vector (2 channels per 8-byte half of it): ``smull`` multiplies the low halves (output
+    channels 0, 1) by the broadcast activations, ``smull2`` the high halves (2, 3) directly; the
+    second 4-channel half is added in i16 (``smlal``/``smlal2``), neighbouring pairs are added
+    (``addp``) and the pairs accumulated into i32 (``sadalp``): 6 instructions per 32 MACs.  One
     expression (see _x86_pmadd)."""
-    def channel_pair(o):         # output channels o, o+1: both halves, products added in i16
+    def half_of(v, high):                 # 8 of the 16 bytes: LLVM's extract_high for smull2
+        return tirx.Shuffle([v], list(range(8, 16) if high else range(8)))
+
+    def products(high):                   # output channels (0, 1) or (2, 3): both halves, i16
         def smull(half):
-            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), B.vload([half, o, 0], "int8x8"),
-                                           _splat(A, half, "int8", 2), dtype="int16x8")
+            w = B.vload([half, 0, 0], "int8x16")
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), half_of(w, high),
+                                           half_of(_splat(A, half, "int8", 4, True), high), dtype="int16x8")
 
         return smull(0) + smull(1)
 
     pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
-                                    channel_pair(0), channel_pair(2), dtype="int16x8")
+                                    products(False), products(True), dtype="int16x8")
     return C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
         T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
 

@@ -65,9 +65,11 @@ def dot_intrin(func: tirx.PrimFunc, target: Target):
 
 #: instruction sets with 32 vector registers (AVX-512): room for longer pixel rows per tile
 WIDE_REGISTER_FILE = ("vnni", "avx512")
+#: the ARM instruction sets (32 NEON registers): the most pixels per 8-output-channel tile
+ARM_PIXELS = {"sdot": 14, "neon": 8}
 
 
-def _pixels_per_tile(ow: int, sums: int) -> tuple[int, ...]:
+def _pixels_per_tile(ow: int, sums: int, widest: int = 14) -> tuple[int, ...]:
     """Pixels per register tile, best first, on a 32-register machine: the widest piece of the
     output row up to 14 pixels (14 int32 accumulator vectors + the weights and the broadcast fit in
     32 registers).  Measured on Zen 5 (one thread, CPU time, ResNet-50's layers, kernels without
@@ -76,7 +78,7 @@ def _pixels_per_tile(ow: int, sums: int) -> tuple[int, ...]:
     4 pixels were 5-30 % slower everywhere.  ``sums`` ((block, tap) sums per output) is kept for
     finer rules."""
     del sums
-    return tuple(q for q in range(min(ow, 14), 0, -1) if ow % q == 0) + (4, 2, 7, 3, 6, 8)
+    return tuple(q for q in range(min(ow, widest), 0, -1) if ow % q == 0) + (4, 2, 7, 3, 6, 8)
 
 
 def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
@@ -93,13 +95,13 @@ def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
         vls = [v for v in (lanes, 2 * lanes) if co % v == 0]
         if intrin.isa in WIDE_REGISTER_FILE:
             pixels = _pixels_per_tile(ow, sums)
-        elif intrin.isa == "sdot":
-            # 32 NEON registers: 8 output channels x up to 14 pixels (2 x 14 int32x4
-            # accumulators, 4 unpacked weight vectors, one 8-byte activation load per pixel
-            # serving 4 by-element sdots); ResNet-50 on the emulated A76: 1,527 M -> 898 M
-            # instructions with the by-element sdot (4 x 2 tiles before)
+        elif intrin.isa in ARM_PIXELS:
+            # 32 NEON registers: 8 output channels x a piece of the row.  sdot (A76): up to 14
+            # pixels (2 x 14 int32x4 accumulators, 4 unpacked weight vectors, one 8-byte
+            # activation load per pixel serving 4 by-element sdots).  neon (A72): up to 8 (each
+            # pixel also needs 4 i16 product registers in flight); 14 spills
             vls = [v for v in (2 * lanes, lanes) if co % v == 0]
-            pixels = _pixels_per_tile(ow, sums)
+            pixels = _pixels_per_tile(ow, sums, ARM_PIXELS[intrin.isa])
     else:
         lanes = vector_lanes(target)
         vls = [largest_divisor(co, [2 * lanes, lanes, lanes // 2, 4, 2])]
