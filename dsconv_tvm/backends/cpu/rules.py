@@ -8,7 +8,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from ..common import get_block, is_dsconv
-from .schedule import largest_divisor, vector_lanes
+from .schedule import is_aarch64, largest_divisor, vector_lanes
 
 
 def _conv_block(sch: s_tir.Schedule, func: tirx.PrimFunc):
@@ -43,10 +43,38 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     n_, f_, y_, x_ = loops[:4]
     reds = loops[4:]
     co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    if is_aarch64(target) and sch.get(conv).name_hint == "conv2d_nchw" and co % 8 == 0:
+        return _outer_product_conv(sch, conv, loops, target)
     lanes = 16 if vector_lanes(target) == 16 else 8
     xt = largest_divisor(ow, [2 * lanes, lanes, 14, 7, 12, 6, 4]) if ow > 2 * lanes else ow
     ft = largest_divisor(co, [4, 2]) if xt >= lanes else largest_divisor(co, [8, 4, 2])
     # elementwise consumers (bias, ReLU, ...): inline into the last one, applied per tile
+    consumers = _inline_consumers(sch, conv)
+    fo, fi = sch.split(f_, [None, ft])
+    xo, xi = sch.split(x_, [None, xt])
+    sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
+    outer = sch.fuse(n_, fo, y_)
+    sch.parallel(outer)
+    cw = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+    for c in consumers:                  # bias / ReLU applied as the tile is written back
+        try:
+            sch.reverse_compute_inline(c)
+        except Exception:  # noqa: BLE001  (not inlinable: applied per tile)
+            _consumers_per_tile(sch, [c], xo)
+    pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
+    if pad is not None:
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    sch.unroll(fi)
+    sch.vectorize(xi)
+    sch.decompose_reduction(conv, reds[0])
+    return sch
+
+
+def _inline_consumers(sch: s_tir.Schedule, conv) -> list:
+    """Inline the elementwise consumers of ``conv`` (bias, ReLU, ...) into the last one; returns
+    the consumers left (applied per tile by the caller)."""
     consumers = sch.get_consumers(conv)
     while len(consumers) == 1:
         nxt = sch.get_consumers(consumers[0])
@@ -57,27 +85,59 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
         except Exception:  # noqa: BLE001  (not an injective elementwise op: leave it)
             break
         consumers = nxt
-    fo, fi = sch.split(f_, [None, ft])
-    xo, xi = sch.split(x_, [None, xt])
-    sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
-    outer = sch.fuse(n_, fo, y_)
-    sch.parallel(outer)
-    cw = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+    return consumers
+
+
+def _consumers_per_tile(sch: s_tir.Schedule, consumers: list, loop) -> None:
+    """Apply the (inlined) elementwise consumers to each tile under ``loop``, vectorized."""
     for c in consumers:
         if c is not None and _get_block_rv_alive(sch, c):
             try:
-                sch.reverse_compute_at(c, xo, preserve_unit_loops=True)
+                sch.reverse_compute_at(c, loop, preserve_unit_loops=True)
                 sch.vectorize(sch.get_loops(c)[-1])
             except Exception:  # noqa: BLE001
                 pass
-    sch.vectorize(sch.get_loops(cw)[-1])
+
+
+#: AArch64 fp32 conv register tile: output channels (4 per vector) x output pixels of a row
+OUTER_CHANNELS, OUTER_PIXELS = 16, (6, 4, 7, 8, 5, 3, 2)
+
+
+def _outer_product_conv(sch: s_tir.Schedule, conv, loops, target: Target) -> s_tir.Schedule:
+    """AArch64 (32 NEON registers): an SGEMM-like outer-product tile of 16 output channels (4
+    vectors) x up to 6 pixels of a row, ``fmla`` of a weight vector by one input value per pixel;
+    the weights of the tile's channels copied once per output row with the channels innermost (a
+    contiguous vector per tap), so neither operand is a strided gather (the row-vectorized tile
+    of :func:`schedule_fp32_conv` reads a stride-2 stem's input pixel by pixel)."""
+    n_, f_, y_, x_ = loops[:4]
+    reds = loops[4:]
+    co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    ft = largest_divisor(co, [OUTER_CHANNELS, 8])
+    xt = largest_divisor(ow, OUTER_PIXELS)
+    consumers = _inline_consumers(sch, conv)
+    fo, fi = sch.split(f_, [None, ft])
+    xo, xi = sch.split(x_, [None, xt])
+    sch.reorder(n_, fo, y_, xo, *reds, xi, fi)
+    outer = sch.fuse(n_, fo, y_)
+    sch.parallel(outer)
+    weight = next(i for i, r in enumerate(sch.get(conv).reads)
+                  if len(r.source.shape) == 4 and int(r.source.shape[0]) == co)
+    wc = sch.cache_read(conv, weight, "global")
+    sch.transform_layout(wc, ("write", 0), lambda f, c, i, j: (c, i, j, f))
+    sch.compute_at(wc, outer, preserve_unit_loops=True)
+    cw = sch.cache_write(conv, 0, "global")
+    sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+    for c in consumers:                  # bias / ReLU applied as the tile is written back
+        try:
+            sch.reverse_compute_inline(c)
+        except Exception:  # noqa: BLE001  (not inlinable: applied per tile)
+            _consumers_per_tile(sch, [c], xo)
     pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
     if pad is not None:
         sch.compute_at(pad, outer, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(pad)[-1])
-    sch.unroll(fi)
-    sch.vectorize(xi)
+    sch.unroll(xi)
+    sch.vectorize(fi)
     sch.decompose_reduction(conv, reds[0])
     return sch
 

@@ -49,6 +49,11 @@ def vector_lanes(target: Target) -> int:
     return 8
 
 
+def is_aarch64(target: Target) -> bool:
+    """A 64-bit ARM target (32 NEON registers)."""
+    return "aarch64" in str(target.attrs.get("mtriple", ""))
+
+
 def layer_bits(func: tirx.PrimFunc) -> int:
     """The weight bit width of a DSConv PrimFunc (from its DSConv attribute)."""
     return int(layer_attr_value(func, "bits", "8"))
