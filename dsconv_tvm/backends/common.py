@@ -96,10 +96,17 @@ class BFPStages:
     mantissa: object    # (n, g, k, y, x) -> float mantissa of channel k of block g at padded (y, x)
 
 
-def bfp_stages(x, layer: DSConvLayer, attrs=None) -> BFPStages:
+def bfp_stages(x, layer: DSConvLayer, attrs=None, vector_rint: bool = False) -> BFPStages:
     """TE stages quantizing ``x`` [N, C, H, W] to BFP for ``layer`` (exponents per block and
-    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels)."""
+    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels).
+
+    Mantissas are rounded half to even with ``tirx.nearbyint``.  ``vector_rint`` (LLVM targets
+    only): with ``tirx.round`` instead, which TVM 0.27 lowers on LLVM to the same
+    ``llvm.nearbyint`` (``frinti`` on AArch64: the same integers) but, unlike ``nearbyint``, can
+    vectorize: a vectorized loop containing ``nearbyint`` is silently made serial."""
     from tvm import te, tirx
+
+    rint = tirx.round if vector_rint else tirx.nearbyint
 
     n, c, h, w = layer.in_shape
     pt, pl, pb, pr = layer.geom.padding
@@ -141,7 +148,7 @@ def bfp_stages(x, layer: DSConvLayer, attrs=None) -> BFPStages:
         ch = gg * bsz + k
         y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
         val = x[nn, tirx.min(ch, c - 1), y0, x0] * pow2(f - bfp_e[nn, gg, y0, x0])
-        q = tirx.max(tirx.min(tirx.nearbyint(val), float(hi)), float(lo))
+        q = tirx.max(tirx.min(rint(val), float(hi)), float(lo))
         return tirx.if_then_else(tirx.all(_in_image(yy, xx), k < bsz, ch < c), q, zero)
 
     return BFPStages(amax, bfp_e, bfp_s, _mantissa)
