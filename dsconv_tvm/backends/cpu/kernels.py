@@ -7,10 +7,12 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
    ``Bp`` slots per block, pixels to the conv padding), stored as ``act_dtype`` with the offset of
    :func:`.layout.act_offset`;
 3. ``w_unpack`` 4-bit weights taken from the packed bytes as ``w + 8`` (one nibble: one ``and`` or
-   shift, one small tile at a time in the schedule: the packed bytes are what the .so holds)
-   ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4 only)
+   shift, one small tile at a time in the schedule: the packed bytes are what the .so holds);
+   on ARM (:func:`.layout.signed_dot`) as ``w`` itself (two's complement: two or one shifts)
+   ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4, x86 only)
    ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap;
-4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale;
+4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale
+   (ARM: no bfp_sum);
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
 The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.schedule`.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
 from ..common import bfp_stages, block_scaled_sum, epilogue, layer_primfunc
-from .layout import TAP, act_offset, slots, weight_shape
+from .layout import TAP, act_offset, signed_dot, slots, weight_shape
 
 # MetaSchedule: the "dsconv" custom rule (schedule.py) schedules the whole function from the
 # dsconv_out block; every other block says "None" so the generic rules leave it alone
@@ -59,20 +61,30 @@ def dsconv_te(layer: DSConvLayer):
         residual = te.placeholder(layer.out_shape, "float32", name="residual")
         inputs.append(residual)
 
-    # int8 mantissas: the ARM dot products; their quantization pass is vectorized (x86 keeps the
+    # the ARM dot products (signed_dot): their quantization pass is vectorized (x86 keeps the
     # serial rounding loop it was measured and tuned with)
-    bfp = bfp_stages(x, layer, _OTHER, vector_rint=layer.act_dtype == "int8")
+    signed = signed_dot(layer)
+    bfp = bfp_stages(x, layer, _OTHER, vector_rint=signed)
 
     def _mantissa(nn, gg, yy, xx, k):
         return (bfp.mantissa(nn, gg, k, yy, xx) + float(z)).astype(layer.act_dtype)
 
     bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
 
-    if layer.packed:
+    four = tirx.const(4, "uint8")
+    if layer.packed and signed:
+        def _unpack(gg, i, j, k4, o, t):       # two's complement nibble, sign-extended by shifts
+            byte = wq[gg, i, j, k4 // 2, o, t]
+            low = (byte << four).astype("int8") >> tirx.const(4, "int8")
+            return tirx.if_then_else(k4 % 2 == 0, low, byte.astype("int8") >> tirx.const(4, "int8"))
+
+        wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
+        bfp_sum = None
+    elif layer.packed:
         def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
             byte = wq[gg, i, j, k4 // 2, o, t]
             return tirx.if_then_else(k4 % 2 == 0, byte & tirx.const(15, "uint8"),
-                                     byte >> tirx.const(4, "uint8")).astype("int8")
+                                     byte >> four).astype("int8")
 
         wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
         rs = te.reduce_axis((0, bp), name="rs")

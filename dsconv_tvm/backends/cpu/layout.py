@@ -3,7 +3,8 @@
 Weight layout in the .so (:func:`pack_weights`), built for 4-channel integer dot-product
 instructions (x86 vpmaddubsw / vpdpbusd, ARM sdot): within a block, channel ``c = 8*k + 4*h + t``
 of output channel ``o`` lives at ``wp[G, KH, KW, k, o, t]``; for b <= 4 the byte holds ``w + 8``
-(offset binary, 0..15) of ``h = 0`` in its low nibble and of ``h = 1`` in its high nibble (shape
+(offset binary, 0..15; x86) or ``w`` in two's complement (ARM, :func:`signed_dot`) of ``h = 0``
+in its low nibble and of ``h = 1`` in its high nibble (shape
 ``[G, KH, KW, Bp/8, CO, 4]`` uint8, ``Bp`` = block rounded up to 8); for b > 4 it is
 ``[G, KH, KW, Bp/4, CO, 4]`` int8.  Slots beyond the real channels hold zero weights.  Scales
 ``xi[G, KH, KW, CO]``.
@@ -46,25 +47,34 @@ def weight_shape(layer: DSConvLayer) -> tuple[int, ...]:
     return (layer.groups, kh, kw, slots(layer) // unit, layer.out_channels, TAP)
 
 
-def pack_weights(q: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """int (CO, CI, KH, KW) weights -> the kernel's packed layout (see the module docstring)."""
+def signed_dot(layer: DSConvLayer) -> bool:
+    """Whether the layer's kernel multiplies signed mantissa bytes by signed weight bytes (the ARM
+    dot products: mantissas stored as int8).  Its 4-bit weights are then stored in two's
+    complement (sign-extended in registers with byte shifts, which x86 lacks: there, ``w + 8``
+    and 8 x the mantissa sum subtracted)."""
+    return layer.act_dtype == "int8"
+
+
+def pack_weights(q: np.ndarray, bits: int, block: int, signed: bool = False) -> np.ndarray:
+    """int (CO, CI, KH, KW) weights -> the kernel's packed layout (see the module docstring);
+    ``signed``: 4-bit weights as two's complement nibbles (:func:`signed_dot`), else ``w + 8``."""
     sl = slot_weights(q, bits, block, 2 * TAP)
     g, kh, kw, bp, co = sl.shape
     if bits > 4:                                                # [G, KH, KW, Bp/4, CO, 4] int8
         return np.ascontiguousarray(
             sl.reshape(g, kh, kw, bp // TAP, TAP, co).transpose(0, 1, 2, 3, 5, 4).astype(np.int8))
-    nib = (sl + 8).reshape(g, kh, kw, bp // (2 * TAP), 2, TAP, co)           # k, h, t; w + 8 in [0, 15]
+    nib = ((sl & 0xF) if signed else sl + 8).reshape(g, kh, kw, bp // (2 * TAP), 2, TAP, co)   # k, h, t
     byte = nib[:, :, :, :, 0] | (nib[:, :, :, :, 1] << 4)                     # G, KH, KW, k, t, CO
     return np.ascontiguousarray(byte.transpose(0, 1, 2, 3, 5, 4).astype(np.uint8))
 
 
-def unpack_weights(wp: np.ndarray, bits: int, block: int, in_channels: int) -> np.ndarray:
+def unpack_weights(wp: np.ndarray, bits: int, block: int, in_channels: int, signed: bool = False) -> np.ndarray:
     """Inverse of :func:`pack_weights` (for tests and reports)."""
     g, kh, kw, _, co, _ = wp.shape
     if bits <= 4:
         b = wp.astype(np.int64)
-        lo = (b & 0xF) - 8
-        hi = (b >> 4) - 8
+        lo, hi = b & 0xF, b >> 4
+        lo, hi = ((lo ^ 8) - 8, (hi ^ 8) - 8) if signed else (lo - 8, hi - 8)
         groups = np.stack([lo, hi], axis=4)                     # G, KH, KW, k, h, CO, t
         sl = groups.transpose(0, 1, 2, 3, 4, 6, 5).reshape(g, kh, kw, -1, co)
     else:
@@ -85,7 +95,7 @@ def layer_params(layer: DSConvLayer, q: np.ndarray, xi: np.ndarray,
     """The constant arguments of the layer's PrimFunc, in order (after the input ``x``):
     packed weights, scales, [offset correction], [bias].  A residual, if any, comes last and is
     not a constant."""
-    out = [pack_weights(q, layer.bits, layer.block), pack_scales(xi, layer.scale_dtype)]
+    out = [pack_weights(q, layer.bits, layer.block, signed_dot(layer)), pack_scales(xi, layer.scale_dtype)]
     if act_offset(layer):
         out.append(offset_correction(layer, q))
     if layer.has_bias:

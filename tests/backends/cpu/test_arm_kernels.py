@@ -1,5 +1,6 @@
-"""The ARM dot-product kernels (Cortex-A72 smull/addp/sadalp, Cortex-A76 sdot) run on the emulated
-Raspberry Pi (qemu-aarch64, TVM's aarch64 runtime) and compared with the numpy DSConv reference."""
+"""The ARM dot-product kernels (Cortex-A72 smull/addp/sadalp, Cortex-A76 by-element sdot) and the
+AArch64 fp32 conv schedule run on the emulated Raspberry Pi (qemu-aarch64, TVM's aarch64 runtime)
+and compared with the numpy DSConv reference / numpy."""
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ CASES = [
     ((1, 48, 7, 7), 8, (3, 3), (2, 2), (1, 1, 1, 1), 4, 16, False, False),
     ((1, 24, 5, 5), 12, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, True),     # partial block
     ((1, 16, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 8, 16, False, False),    # int8 weights
+    ((1, 40, 9, 9), 16, (3, 3), (2, 2), (0, 1, 2, 1), 2, 32, True, False),    # 2-bit nibbles, partial block
+    ((1, 24, 7, 7), 24, (1, 1), (1, 1), (0, 0, 0, 0), 6, 8, False, True),     # 6-bit weights, 3 blocks
 ]
 
 
@@ -33,10 +36,44 @@ def test_arm_kernels_on_emulated_board_match_reference(emulated_board, tmp_path,
         _run_cases(remote, tmp_path, target_name, isa)
 
 
+FP32_CASES = [(3, 16, 30, 7, 2), (5, 24, 12, 3, 1)]      # ci, co, hw, k, stride: the stem's shape
+
+
+def _run_fp32_convs(remote, tmp_path, spec, target):
+    """The fp32 convs a model keeps (the stem) with the AArch64 outer-product schedule."""
+    from tvm import te, topi
+
+    from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
+
+    dev = remote.cpu()
+    for i, (ci, co, hw, k, s) in enumerate(FP32_CASES):
+        pad = k // 2
+        x = te.placeholder((1, ci, hw, hw), "float32", "x")
+        wt = te.placeholder((co, ci, k, k), "float32", "w")
+        b = te.placeholder((1, co, 1, 1), "float32", "b")
+        y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
+        func = te.create_prim_func([x, wt, b, y]).with_attr("global_symbol", "main")
+        lib_path = tmp_path / f"fp32_{i}.so"
+        spec.export_library(tvm.compile(schedule_fp32_conv(func, target).mod, target), str(lib_path))
+        remote.upload(str(lib_path))
+        fn = remote.load_module(lib_path.name)["main"]
+        rng = np.random.default_rng(i)
+        xn, wn, bn = (rng.standard_normal(t).astype(np.float32)
+                      for t in ((1, ci, hw, hw), (co, ci, k, k), (1, co, 1, 1)))
+        out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32), dev)
+        fn(*(tvm.runtime.tensor(a, dev) for a in (xn, wn, bn)), out)
+        xp = np.pad(xn, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        oh = (hw + 2 * pad - k) // s + 1
+        win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::s, ::s][:, :, :oh, :oh]
+        ref = np.maximum(np.einsum("nchwij,fcij->nfhw", win, wn) + bn, 0)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
+
+
 def _run_cases(remote, tmp_path, target_name, isa):
     """Every remote object lives in this frame only: gone when it returns."""
     spec = get_target(target_name)
     target = spec.tvm_target()
+    _run_fp32_convs(remote, tmp_path, spec, target)
     dev = remote.cpu()
     for i, (in_shape, co, k, s, p, bits, block, uns, residual) in enumerate(CASES):
         layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",

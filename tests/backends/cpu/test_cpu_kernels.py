@@ -156,20 +156,30 @@ def test_unscheduled_and_scheduled_agree_bitwise_on_integers():
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-b{c[6]}B{c[7]}m{c[8]}")
+def test_arm_layout_kernel_matches_reference_on_host(case):
+    """The ARM kernels' TE (int8 mantissas, two's complement nibbles, no mantissa sum, the
+    vectorized rounding) under the host's plain vector schedule: the same integers as the
+    reference (the ARM instructions themselves run in tests/backends/cpu/test_arm_kernels.py)."""
+    in_shape, co, k, s, p, d, bits, block, m, uns, bias, act = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p, d), bits, block, m, uns, "float32", bias, act, "int8")
+    _run_layer(layer, 7, target=RUNNABLE["plain"])
+
+
 @settings(max_examples=60, deadline=None)
 @given(co=st.integers(1, 9), ci=st.integers(1, 40), k=st.integers(1, 3), bits=st.integers(2, 8),
-       block=st.integers(1, 33), seed=st.integers(0, 2 ** 16))
-def test_pack_unpack_roundtrip(co, ci, k, bits, block, seed):
+       block=st.integers(1, 33), seed=st.integers(0, 2 ** 16), signed=st.booleans())
+def test_pack_unpack_roundtrip(co, ci, k, bits, block, seed, signed):
     rng = np.random.default_rng(seed)
     q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (co, ci, k, k)).astype(np.int8)
-    wp = pack_weights(q, bits, block)
+    wp = pack_weights(q, bits, block, signed)
     g = -(-ci // block)
     bp = -(-block // 8) * 8
     if bits <= 4:
         assert wp.dtype == np.uint8 and wp.shape == (g, k, k, bp // 8, co, 4)
     else:
         assert wp.dtype == np.int8 and wp.shape == (g, k, k, bp // 4, co, 4)
-    assert np.array_equal(unpack_weights(wp, bits, block, ci), q)
+    assert np.array_equal(unpack_weights(wp, bits, block, ci, signed), q)
 
 
 def test_packed_bytes_are_half_a_byte_per_weight():
