@@ -57,11 +57,8 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     sch.parallel(outer)
     cw = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
-    for c in consumers:                  # bias / ReLU applied as the tile is written back
-        try:
-            sch.reverse_compute_inline(c)
-        except Exception:  # noqa: BLE001  (not inlinable: applied per tile)
-            _consumers_per_tile(sch, [c], xo)
+    _consumers_per_tile(sch, consumers, xo)
+    sch.vectorize(sch.get_loops(cw)[-1])
     pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
     if pad is not None:
         sch.compute_at(pad, outer, preserve_unit_loops=True)
