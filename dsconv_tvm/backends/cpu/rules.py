@@ -55,7 +55,10 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
     outer = sch.fuse(n_, fo, y_)
     sch.parallel(outer)
-    cw = sch.cache_write(conv, 0, "local")
+    # AArch64: the tile in the default scope (on the stack, see schedule.py); "local" costs a
+    # TVMBackendAllocWorkspace/Free pair per tile (MobileNetV2's depthwise convs: 30,000 per
+    # inference).  x86 keeps the libraries its schedules were measured with.
+    cw = sch.cache_write(conv, 0, "global" if is_aarch64(target) else "local")
     sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
     _consumers_per_tile(sch, consumers, xo)
     sch.vectorize(sch.get_loops(cw)[-1])
