@@ -40,9 +40,7 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     loops = sch.get_loops(conv)
     if len(loops) not in (6, 7):
         return None
-    n_, f_, y_, x_ = loops[:4]
-    reds = loops[4:]
-    co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    co, ow = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
     if is_aarch64(target) and sch.get(conv).name_hint == "conv2d_nchw" and co % 8 == 0:
         return _outer_product_conv(sch, conv, loops, target)
     lanes = 16 if vector_lanes(target) == 16 else 8
@@ -50,11 +48,7 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     ft = largest_divisor(co, [4, 2]) if xt >= lanes else largest_divisor(co, [8, 4, 2])
     # elementwise consumers (bias, ReLU, ...): inline into the last one, applied per tile
     consumers = _inline_consumers(sch, conv)
-    fo, fi = sch.split(f_, [None, ft])
-    xo, xi = sch.split(x_, [None, xt])
-    sch.reorder(n_, fo, y_, xo, *reds, fi, xi)
-    outer = sch.fuse(n_, fo, y_)
-    sch.parallel(outer)
+    outer, xo, fi, xi = _tile(sch, loops, ft, xt, channels_inner=False)
     # AArch64: the tile in the default scope (on the stack, see schedule.py); "local" costs a
     # TVMBackendAllocWorkspace/Free pair per tile (MobileNetV2's depthwise convs: 30,000 per
     # inference).  x86 keeps the libraries its schedules were measured with.
@@ -62,13 +56,32 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
     _consumers_per_tile(sch, consumers, xo)
     sch.vectorize(sch.get_loops(cw)[-1])
+    return _finish(sch, conv, outer, loops[4], unrolled=fi, vectorized=xi)
+
+
+def _tile(sch: s_tir.Schedule, loops, ft: int, xt: int, channels_inner: bool):
+    """Split a conv's output channels by ``ft`` and its row by ``xt``, the reduction between the
+    tile loops and the tile (channels innermost or pixels innermost), (image, channel tile, row)
+    in parallel.  Returns (the parallel loop, the pixel-tile loop, channel loop, pixel loop)."""
+    n_, f_, y_, x_ = loops[:4]
+    fo, fi = sch.split(f_, [None, ft])
+    xo, xi = sch.split(x_, [None, xt])
+    sch.reorder(n_, fo, y_, xo, *loops[4:], *((xi, fi) if channels_inner else (fi, xi)))
+    outer = sch.fuse(n_, fo, y_)
+    sch.parallel(outer)
+    return outer, xo, fi, xi
+
+
+def _finish(sch: s_tir.Schedule, conv, outer, first_reduction, unrolled, vectorized) -> s_tir.Schedule:
+    """The padded input rows made per parallel iteration, the tile's loops unrolled / vectorized,
+    the reduction's init split off."""
     pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
     if pad is not None:
         sch.compute_at(pad, outer, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(pad)[-1])
-    sch.unroll(fi)
-    sch.vectorize(xi)
-    sch.decompose_reduction(conv, reds[0])
+    sch.unroll(unrolled)
+    sch.vectorize(vectorized)
+    sch.decompose_reduction(conv, first_reduction)
     return sch
 
 
@@ -109,17 +122,11 @@ def _outer_product_conv(sch: s_tir.Schedule, conv, loops, target: Target) -> s_t
     the weights of the tile's channels copied once per output row with the channels innermost (a
     contiguous vector per tap), so neither operand is a strided gather (the row-vectorized tile
     of :func:`schedule_fp32_conv` reads a stride-2 stem's input pixel by pixel)."""
-    n_, f_, y_, x_ = loops[:4]
-    reds = loops[4:]
-    co, ow = int(sch.get(f_).extent), int(sch.get(x_).extent)
+    co, ow = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
     ft = largest_divisor(co, [OUTER_CHANNELS, 8])
     xt = largest_divisor(ow, OUTER_PIXELS)
     consumers = _inline_consumers(sch, conv)
-    fo, fi = sch.split(f_, [None, ft])
-    xo, xi = sch.split(x_, [None, xt])
-    sch.reorder(n_, fo, y_, xo, *reds, xi, fi)
-    outer = sch.fuse(n_, fo, y_)
-    sch.parallel(outer)
+    outer, xo, fi, xi = _tile(sch, loops, ft, xt, channels_inner=True)
     weight = next(i for i, r in enumerate(sch.get(conv).reads)
                   if len(r.source.shape) == 4 and int(r.source.shape[0]) == co)
     wc = sch.cache_read(conv, weight, "global")
@@ -132,14 +139,7 @@ def _outer_product_conv(sch: s_tir.Schedule, conv, loops, target: Target) -> s_t
             sch.reverse_compute_inline(c)
         except Exception:  # noqa: BLE001  (not inlinable: applied per tile)
             _consumers_per_tile(sch, [c], xo)
-    pad = get_block(sch, "pad_temp") or get_block(sch, "PaddedInput")
-    if pad is not None:
-        sch.compute_at(pad, outer, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(pad)[-1])
-    sch.unroll(xi)
-    sch.vectorize(fi)
-    sch.decompose_reduction(conv, reds[0])
-    return sch
+    return _finish(sch, conv, outer, loops[4], unrolled=xi, vectorized=fi)
 
 
 def _get_block_rv_alive(sch: s_tir.Schedule, blk) -> bool:
