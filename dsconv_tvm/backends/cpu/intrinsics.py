@@ -17,7 +17,9 @@ avx512      16    the same on zmm registers (AVX-512BW)                        u
 vnni        16    2 vpdpbusd (u8*s8, 4 products accumulated in i32)            uint8 x int8
 sdot        4     2 by-element sdot (s8*s8, 4 products into i32), Cortex-A76+  int8 x int8
 neon        4     2 smull + 2 smlal (s8*s8 -> i16, high halves: smull2 or one  int8 x int8
-                  ext per tile), addp, sadalp (-> i32), Cortex-A72
+                  ext per tile), addp, sadalp (-> i32), Cortex-A72; where the
+                  block allows and weights have <= 5 bits, 16 channels per call
+                  (2 smull + 6 smlal, one addp + sadalp for 64 MACs)
 ==========  ====  ===========================================================  ==============
 
 The i16 steps are exact for the weights they are given (``max_bits``): the two vpmaddubsw
@@ -44,19 +46,22 @@ class DotIntrin:
     lanes: int           # L: output channels per call
     act_dtype: str       # mantissa storage it multiplies
     max_bits: int        # widest weights it is exact for
+    channels: int = 2 * TAP   # input channels per call
 
 
-def _desc(lanes: int, act_dtype: str):
+def _desc(lanes: int, act_dtype: str, channels: int = 2 * TAP):
+    groups = channels // TAP
+
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         sb = T.int32()
-        A = T.match_buffer(a, (2 * TAP,), act_dtype, offset_factor=1)
-        B = T.match_buffer(b, (2, lanes, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+        A = T.match_buffer(a, (channels,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (groups, lanes, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2 * TAP], B[0:2, 0:lanes, 0:TAP])
+            T.reads(C[0:lanes], A[0:channels], B[0:groups, 0:lanes, 0:TAP])
             T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 2 * TAP):
+            for i, k in T.grid(lanes, channels):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // TAP, vi, vk % TAP])
@@ -64,7 +69,7 @@ def _desc(lanes: int, act_dtype: str):
     return desc
 
 
-def _splat(A, half: int, dtype: str, copies: int, by_lane: bool = False):
+def _splat(A, half: int, dtype: str, copies: int, by_lane: bool = False, words: int = 2):
     """The 4 activation bytes of one 4-channel half (0 or 1) of ``A``, repeated ``copies`` times as
     one byte vector (one 32-bit broadcast): the operand facing ``copies`` output channels.
 
@@ -73,8 +78,8 @@ def _splat(A, half: int, dtype: str, copies: int, by_lane: bool = False):
     ``sdot v.4s, v.16b, v.4b[half]``): one plain 8-byte load serves both halves and every output
     channel group of the pixel, instead of one ``ld1r`` (and its address arithmetic) per call."""
     if by_lane:
-        words = T.reinterpret(A.vload([0], f"{dtype}x8"), dtype="int32x2")
-        lanes = tirx.Shuffle([words] * (copies // 2), [half] * copies)
+        loaded = T.reinterpret(A.vload([0], f"{dtype}x{TAP * words}"), dtype=f"int32x{words}")
+        lanes = tirx.Shuffle([loaded] * max(1, copies // words), [half] * copies)
         return T.reinterpret(lanes, dtype=f"{dtype}x{copies * TAP}")
     word = T.reinterpret(A.vload([half * TAP], f"{dtype}x4"), dtype="int32")
     return T.reinterpret(T.broadcast(word, copies), dtype=f"{dtype}x{copies * TAP}")
@@ -143,52 +148,65 @@ def _accumulating_dot(lanes: int, act_dtype: str, llvm_name: str, weights_first:
 _SMULL = "llvm.aarch64.neon.smull.v8i16"
 
 
-def _neon_update(A, B, C):
-    """Cortex-A72 has no sdot.  The 4 output channels' weights of one 4-channel half are one
+def _neon(channels: int):
+    """Cortex-A72 has no sdot.  The 4 output channels' weights of one 4-channel group are one
     16-byte vector (2 channels per 8-byte half of it): ``smull`` multiplies the low halves (output
     channels 0, 1) by the broadcast activations, ``smull2`` the high halves (2, 3) directly; the
-    second 4-channel half is added in i16 (``smlal``/``smlal2``), neighbouring pairs are added
-    (``addp``) and the pairs accumulated into i32 (``sadalp``): 6 instructions per 32 MACs.  One
-    expression (see _x86_pmadd)."""
+    other 4-channel groups are added in i16 (``smlal``/``smlal2``), neighbouring pairs are added
+    (``addp``) and the pairs accumulated into i32 (``sadalp``).  8 channels: 6 instructions per
+    32 MACs; 16 channels: 10 per 64 (the i16 sums then hold 8 products: weights of 5 bits at most).
+    One expression (see _x86_pmadd)."""
+    groups = channels // TAP             # 4-channel groups; also the 32-bit words of A
+
     def half_of(v, high):                 # 8 of the 16 bytes: LLVM's extract_high for smull2
         return tirx.Shuffle([v], list(range(8, 16) if high else range(8)))
 
-    def products(high):                   # output channels (0, 1) or (2, 3): both halves, i16
-        def smull(half):
-            w = B.vload([half, 0, 0], "int8x16")
-            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), half_of(w, high),
-                                           half_of(_splat(A, half, "int8", 4, True), high), dtype="int16x8")
+    def update(A, B, C):
+        def products(high):               # output channels (0, 1) or (2, 3): all groups, i16
+            def smull(g):
+                w = B.vload([g, 0, 0], "int8x16")
+                x = _splat(A, g, "int8", 4, True, groups)
+                return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), half_of(w, high),
+                                               half_of(x, high), dtype="int16x8")
 
-        return smull(0) + smull(1)
+            total = smull(0)
+            for g in range(1, groups):
+                total = total + smull(g)
+            return total
 
-    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
-                                    products(False), products(True), dtype="int16x8")
-    return C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v8i16"),
+                                        products(False), products(True), dtype="int16x8")
+        return C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"), pairs, dtype="int32x4")
 
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sb = T.int32()
+        A = T.match_buffer(a, (channels,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (groups, 4, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:channels], B[0:groups, 0:4, 0:TAP])
+            T.writes(C[0:4])
+            C[T.ramp(T.int32(0), 1, 4)] = update(A, B, C)
 
-@T.prim_func(s_tir=True)
-def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    sb = T.int32()
-    A = T.match_buffer(a, (2 * TAP,), "int8", offset_factor=1)
-    B = T.match_buffer(b, (2, 4, TAP), "int8", strides=[sb, TAP, 1], offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:2 * TAP], B[0:2, 0:4, 0:TAP])
-        T.writes(C[0:4])
-        C[T.ramp(T.int32(0), 1, 4)] = _neon_update(A, B, C)
+    return impl
 
 
 _INTRINS: dict[str, DotIntrin] = {}
 
 
-def _register(isa: str, lanes: int, act_dtype: str, max_bits: int, impl) -> None:
-    name = f"dsconv_dot_{lanes}x{2 * TAP}_{isa}"
+#: intrinsics over 16 input channels per call, used where the block's slots allow it (by isa)
+_DEEP: dict[str, DotIntrin] = {}
+
+
+def _register(isa: str, lanes: int, act_dtype: str, max_bits: int, impl, channels: int = 2 * TAP) -> None:
+    name = f"dsconv_dot_{lanes}x{channels}_{isa}"
     try:
         TensorIntrin.get(name)
     except Exception:  # noqa: BLE001  (not registered yet in this process)
-        TensorIntrin.register(name, _desc(lanes, act_dtype), impl)
-    _INTRINS[isa] = DotIntrin(name, isa, lanes, act_dtype, max_bits)
+        TensorIntrin.register(name, _desc(lanes, act_dtype, channels), impl)
+    (_INTRINS if channels == 2 * TAP else _DEEP)[isa] = DotIntrin(name, isa, lanes, act_dtype, max_bits, channels)
 
 
 def register() -> None:
@@ -200,7 +218,8 @@ def register() -> None:
               _x86_pmadd(16, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
     _register("vnni", 16, "uint8", 8, _accumulating_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512", False))
     _register("sdot", 4, "int8", 8, _accumulating_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True, True))
-    _register("neon", 4, "int8", 6, _neon_impl)
+    _register("neon", 4, "int8", 6, _neon(2 * TAP))
+    _register("neon", 4, "int8", 5, _neon(4 * TAP), 4 * TAP)
 
 
 def isa_of(target) -> str | None:
@@ -238,7 +257,8 @@ def activation_dtype(target) -> str:
 NARROWER = {"vnni": "avx2", "avx512": "avx2"}
 
 
-def select(target, bits: int, act_dtype: str, out_channels: int | None = None) -> DotIntrin | None:
+def select(target, bits: int, act_dtype: str, out_channels: int | None = None,
+           slots: int | None = None) -> DotIntrin | None:
     """The intrinsic for a layer on ``target``, or None when the plain vector schedule is used.
     With ``out_channels``, one whose lanes divide it (the narrower one of :data:`NARROWER` when the
     widest does not)."""
@@ -246,6 +266,10 @@ def select(target, bits: int, act_dtype: str, out_channels: int | None = None) -
     if isa is None:
         return None
     register()
+    deep = _DEEP.get(isa)
+    if (deep and slots and slots % deep.channels == 0 and bits <= deep.max_bits and act_dtype == deep.act_dtype
+            and (out_channels is None or out_channels % deep.lanes == 0)):
+        return deep
     for cand in (isa, NARROWER.get(isa)):
         intrin = _INTRINS.get(cand) if cand else None
         if intrin is None or bits > intrin.max_bits or act_dtype != intrin.act_dtype:

@@ -65,7 +65,8 @@ def dot_intrin(func: tirx.PrimFunc, target: Target):
     sch = s_tir.Schedule(func)
     act = str(sch.get(sch.get_sblock("bfp_m")).writes[0].source.dtype)
     co = int(sch.get(sch.get_sblock("dsconv_out")).writes[0].source.shape[1])
-    return intrinsics.select(target, layer_bits(func), act, co)
+    slots = int(sch.get(sch.get_sblock("bfp_m")).writes[0].source.shape[-1])
+    return intrinsics.select(target, layer_bits(func), act, co, slots)
 
 
 #: instruction sets with 32 vector registers (AVX-512): room for longer pixel rows per tile
@@ -80,8 +81,8 @@ def _pixels_per_tile(ow: int, sums: int, widest: int = 14) -> tuple[int, ...]:
     32 registers).  Measured on Zen 5 (one thread, CPU time, ResNet-50's layers, kernels without
     per-iteration workspace): 14 on 14- and 28-wide rows (1024->256 at 14x14 0.264 -> 0.199 ms,
     3x3 256->256 0.444 -> 0.287 vs 2 pixels), 8 or 14 on 56-wide rows (within 5 %), 7 on 7-wide;
-    4 pixels were 5-30 % slower everywhere.  ``sums`` ((block, tap) sums per output) is kept for
-    finer rules."""
+    4 pixels were 5-30 % slower everywhere.  ``widest``: the longest piece (ARM: :data:`ARM_PIXELS`).
+    ``sums`` ((block, tap) sums per output) is kept for finer rules."""
     del sums
     return tuple(q for q in range(min(ow, widest), 0, -1) if ow % q == 0) + (4, 2, 7, 3, 6, 8)
 
@@ -151,7 +152,7 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     a_q, a_o, a_k = sch.get_loops(acc_blk)[-3:]
     # 8 channels per step: two groups of 4 (the low and high nibbles of one packed byte)
     if intrin is not None:
-        kb, k8 = sch.split(a_k, [None, 2 * TAP])
+        kb, k8 = sch.split(a_k, [None, intrin.channels])
         a_oa, a_ob = sch.split(a_o, [None, intrin.lanes])
         sch.reorder(kb, a_q, a_oa, a_ob, k8)
     else:
