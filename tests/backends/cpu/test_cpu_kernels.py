@@ -235,10 +235,11 @@ def test_assembly_has_the_dot_product_instructions(target, isa, pattern, least):
     assert re.search(unpack, asm)
 
 
-@pytest.mark.parametrize("bits, block, channels", [(4, 64, 16), (5, 32, 16), (4, 24, 8), (6, 64, 8)])
+@pytest.mark.parametrize("bits, block, channels", [(4, 64, 16), (5, 32, 16), (4, 24, 8), (4, 16, 8), (6, 64, 8)])
 def test_a72_takes_16_channels_per_call_where_exact(bits, block, channels):
     """The A72's smull/smlal sequence sums 8 products in i16 when the block's slots allow 16
-    channels per call: only for weights of at most 5 bits (8 x 128 x 16 fits int16)."""
+    channels per call (and more than one such step): only for weights of at most 5 bits
+    (8 x 128 x 16 fits int16)."""
     layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), bits, block, 8, True,
                         "float32", True, "relu", "int8")
     intrin = dot_intrin(dsconv_primfunc(layer), get_target("rpi4").tvm_target())
