@@ -41,6 +41,7 @@ class TuneResult:
     first_error: str = ""
     boards: dict = field(default_factory=dict)   # board "HOST:PORT" -> {"measured": n, "failed": m}
     workers: int = 0                  # boards measuring at once (0: measured here)
+    candidates: int = 0               # candidates measured (or failed): one database record each
 
 
 def convergence(history) -> tuple[float, float, int]:
@@ -69,6 +70,7 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             check_interrupted()           # a deferred Ctrl-C / SIGTERM ends the tuning here
             self.trials += len(runner_results)
+            result.candidates = self.trials
             for b, res in zip(builder_results, runner_results):
                 err = b.error_msg or res.error_msg
                 if err:
@@ -222,6 +224,8 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         result.seconds = time.time() - t0
         result.boards = journal_counts(journal)
         shutil.rmtree(journal_dir, ignore_errors=True)
+        if tracker:
+            runner.pool.shutdown()        # no idle worker process outlives the run
         # every record measured so far stays valid, even when interrupted in the middle of a write
         repair_database(work_dir)
     return result

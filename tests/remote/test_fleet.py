@@ -1,0 +1,189 @@
+"""A fleet: two emulated Raspberry Pis registered under one key.  ``tune --tracker --key`` measures on
+both at once, and a board killed in the middle of a run costs only the candidates it was measuring;
+``bench --all`` times the library on each board and reports per board."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import psutil
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import emulated_board_tool, free_port, start_tracker
+from dsconv_tvm.cli import main as cli
+from dsconv_tvm.driver.database import check_database
+from dsconv_tvm.driver.tune import tune_model
+from dsconv_tvm.config import DSConvConfig
+from dsconv_tvm.remote.processes import kill_process_tree
+
+KEY = "rpi-emu-fleet"
+
+
+def _two_conv_model(path):
+    """Two DSConv layers of different shapes (two tasks: enough candidates for a few rounds)."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["out"])]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 12, 12])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 6, 6])],
+                          [w("w1", 16, 8, 3, 3), w("w2", 16, 16, 3, 3)])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return str(path)
+
+
+class _Fleet:
+    """A tracker of its own and two emulated boards under ``KEY``; :meth:`ensure` restarts a board
+    that a test killed."""
+
+    def __init__(self, tmp):
+        self.tool = emulated_board_tool()
+        self.board = self.tool.ensure_board()
+        self.tmp = tmp
+        self.tracker = start_tracker(tmp / "tracker.log")
+        self.servers: list = [None, None]
+        self.starts = 0
+
+    def _start(self, i):
+        self.starts += 1
+        port = free_port()
+        log = self.tmp / f"board{i}-{self.starts}.log"
+        with open(log, "w") as fh:
+            proc = self.tool.start_board_server(self.board, self.tracker.address, KEY, port=port,
+                                                stdout=fh, stderr=subprocess.STDOUT)
+        self.servers[i] = SimpleNamespace(proc=proc, port=port, log=log, address=f"127.0.0.1:{port}")
+
+    def ensure(self):
+        started = [i for i, s in enumerate(self.servers) if s is None or s.proc.poll() is not None]
+        for i in started:                             # both boot at once (~30 s each under qemu)
+            self._start(i)
+        for i in started:
+            self.tool.wait_registered(self.tracker.address, KEY, timeout=240, proc=self.servers[i].proc)
+        t0 = time.time()                              # both listed under the key
+        from dsconv_tvm.remote.fleet import fleet_boards
+        from dsconv_tvm.remote.tracker import tracker_summary
+        while len(fleet_boards(tracker_summary("127.0.0.1", self.tracker.port), KEY)) < 2:
+            assert time.time() - t0 < 240, [s.log.read_text()[-500:] for s in self.servers]
+            time.sleep(0.5)
+        return self
+
+    def sessions(self, i) -> int:
+        """Sessions board ``i`` served, from its server's log (TVM's "connected from" lines)."""
+        return self.servers[i].log.read_text(errors="replace").count("connected from")
+
+    def kill(self, i):
+        kill_process_tree(self.servers[i].proc.pid)
+        self.servers[i].proc.wait(timeout=10)
+
+    def stop(self):
+        for s in self.servers:
+            if s is not None:
+                kill_process_tree(s.proc.pid)
+        self.tracker.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = _Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def _records(work):
+    db = check_database(work)
+    assert db.skipped == 0, "damaged lines in the database"
+    return [json.loads(r)[1] for r in db.records]
+
+
+def _run_secs(rec):
+    return [float(x) for x in rec[1]]
+
+
+CFG = DSConvConfig(block=8, first_layer="dsconv")
+
+
+def test_tune_measures_on_every_board_of_the_key(fleet, tmp_path):
+    fleet.ensure()
+    before = [fleet.sessions(0), fleet.sessions(1)]
+    model = _two_conv_model(tmp_path / "two.onnx")
+    work = str(tmp_path / "db")
+    res = tune_model(model, "rpi5", work, CFG, trials=8, trials_per_iter=4, tracker=fleet.tracker.address,
+                     key=KEY, timeout=120, stream=io.StringIO())
+    assert res.workers == 2
+    boards = {s.address for s in fleet.servers}
+    assert set(res.boards) == boards, res.boards
+    for b in boards:                                  # both boards measured candidates
+        assert res.boards[b]["measured"] >= 1, res.boards
+    assert res.failures == 0, res.first_error
+    # the boards' own logs agree: one session per candidate
+    served = [fleet.sessions(i) - before[i] for i in range(2)]
+    assert served == [res.boards[s.address]["measured"] for s in fleet.servers]
+    # every candidate has a record, with a real time
+    recs = _records(work)
+    assert len(recs) == res.candidates == sum(c["measured"] for c in res.boards.values()) >= 4
+    assert all(0 < t < 10 for r in recs for t in _run_secs(r))
+
+
+def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
+    fleet.ensure()
+    model = _two_conv_model(tmp_path / "two.onnx")
+    work = str(tmp_path / "db")
+    victim, survivor = fleet.servers[1], fleet.servers[0]
+    killed = {}
+
+    def kill_when_busy():
+        """Kill board 1 while it serves its second candidate (connected, not finished)."""
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            text = victim.log.read_text(errors="replace")
+            if text.count("connected from") >= 2 and text.count("connected from") > text.count("finish serving"):
+                killed["survivor_sessions"] = fleet.sessions(0)
+                killed["at"] = time.time()
+                fleet.kill(1)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    t0 = time.time()
+    res = tune_model(model, "rpi5", work, CFG, trials=12, trials_per_iter=4, tracker=fleet.tracker.address,
+                     key=KEY, timeout=60, stream=io.StringIO())
+    took = time.time() - t0
+    killer.join(timeout=10)
+    print(f"\nfleet kill: {res.boards}, {res.failures} failed ({res.first_error[-200:]!r}), {took:.0f} s")
+    assert killed, "board 1 was never seen in a session"
+    assert victim.proc.poll() is not None and not _tree_alive(victim.proc.pid)
+    # the run completed; the in-flight candidate(s) of the dead board failed, nothing else
+    assert 1 <= res.failures <= 2, (res.failures, res.first_error)
+    assert res.boards[victim.address]["measured"] >= 1
+    assert res.boards[survivor.address]["failed"] == 0
+    assert fleet.sessions(0) > killed["survivor_sessions"]      # the survivor measured the rest
+    recs = _records(work)
+    assert len(recs) == res.candidates >= 8
+    failed = [r for r in recs if min(_run_secs(r)) >= 1e9]     # MetaSchedule's mark of a failed run
+    assert len(failed) == res.failures
+    assert all(0 < t < 10 for r in recs if r not in failed for t in _run_secs(r))
+    assert took < 600
+
+
+def _tree_alive(pid):
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).is_running() and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return False
