@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import subprocess
 import threading
@@ -18,13 +17,13 @@ import numpy as np
 import onnx
 import psutil
 import pytest
+from conftest import emulated_board_tool, free_port, start_tracker
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import emulated_board_tool, free_port, start_tracker
 from dsconv_tvm.cli import main as cli
+from dsconv_tvm.config import DSConvConfig
 from dsconv_tvm.driver.database import check_database
 from dsconv_tvm.driver.tune import tune_model
-from dsconv_tvm.config import DSConvConfig
 from dsconv_tvm.remote.processes import kill_process_tree
 
 KEY = "rpi-emu-fleet"
@@ -139,6 +138,77 @@ def test_tune_measures_on_every_board_of_the_key(fleet, tmp_path):
     recs = _records(work)
     assert len(recs) == res.candidates == sum(c["measured"] for c in res.boards.values()) >= 4
     assert all(0 < t < 10 for r in recs for t in _run_secs(r))
+
+
+def _cli_call(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _one_error_line(err, verb):
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith(f"dsconv-tvm {verb}: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def fleet_libs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fleet_libs")
+    model = _two_conv_model(d / "two.onnx")
+    out = {}
+    for target in ("rpi5", "x86"):
+        out[target] = str(d / f"two_{target}.so")
+        rc, _o, err = _cli_call("compile", model, "--target", target, "-o", out[target], "--no-check",
+                                "--block", "8", "--first-layer", "dsconv")
+        assert rc == 0, err
+    return out
+
+
+def test_bench_all_times_each_board_once(fleet, fleet_libs, tmp_path):
+    fleet.ensure()
+    before = [fleet.sessions(0), fleet.sessions(1)]
+    js = tmp_path / "all.json"
+    rc, out, err = _cli_call("bench", fleet_libs["rpi5"], "--tracker", fleet.tracker.address, "--key", KEY,
+                             "--all", "--repeat", 3, "--number", 1, "--reference", fleet_libs["x86"],
+                             "--json", js, "--timeout", 120)
+    assert rc == 0, err
+    print(out)
+    data = json.loads(js.read_text())
+    assert data["boards_total"] == data["boards_ok"] == 2 and data["complete"]
+    boards = sorted(b["board"] for b in data["boards"])
+    assert boards == sorted(s.address for s in fleet.servers)       # each board once
+    for b in data["boards"]:
+        assert b["complete"] and b["measured"] == 3 and b["median_ms"] > 0 and b["error"] is None
+        assert b["check"]["ok"] and b["check"]["argmax_equal"] and b["emulated"]
+    rows = [ln for ln in out.splitlines() if ln.split()[:1] and ln.split()[0] in boards]
+    assert len(rows) == 2 and all(re.search(r"\b3/3\s+OK \(max \|diff\|", r) for r in rows), out
+    assert "EMULATED" in out
+    assert [fleet.sessions(i) - before[i] for i in range(2)] == [1, 1]   # the boards' own logs
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--all", "--tracker", "127.0.0.1:9"], "--all needs --tracker HOST:PORT and --key"),
+    (["--all"], "--all needs --tracker HOST:PORT and --key"),
+    (["--all", "--tracker", "127.0.0.1:9", "--key", "k", "--output", "o.npz"], "not with --all"),
+])
+def test_bench_all_usage_errors(fleet_libs, argv, needle):
+    rc, _out, err = _cli_call("bench", fleet_libs["rpi5"], *argv)
+    assert rc == 2 and needle in _one_error_line(err, "bench")
+
+
+def test_a_key_without_boards_is_one_error_line(fleet, fleet_libs, tmp_path):
+    t0 = time.time()
+    rc, _out, err = _cli_call("bench", fleet_libs["rpi5"], "--tracker", fleet.tracker.address, "--key",
+                              "nobody", "--all", "--timeout", 5)
+    assert rc == 2 and "no board registered with key 'nobody'" in _one_error_line(err, "bench")
+    model = _two_conv_model(tmp_path / "two.onnx")
+    rc, _out, err = _cli_call("tune", model, "--target", "rpi5", "--work-dir", tmp_path / "db", "--tracker",
+                              fleet.tracker.address, "--key", "nobody", "--timeout", 3)
+    assert rc == 2 and "no registered board with key 'nobody'" in _one_error_line(err, "tune")
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "db").exists()             # nothing written before the check
 
 
 def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
