@@ -9,6 +9,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -17,14 +18,14 @@ import numpy as np
 import onnx
 import psutil
 import pytest
-from conftest import emulated_board_tool, free_port, start_tracker
+from conftest import REPO, emulated_board_tool, free_port, start_tracker
 from onnx import TensorProto, helper, numpy_helper
 
 from dsconv_tvm.cli import main as cli
 from dsconv_tvm.config import DSConvConfig
 from dsconv_tvm.driver.database import check_database
 from dsconv_tvm.driver.tune import tune_model
-from dsconv_tvm.remote.processes import kill_process_tree
+from dsconv_tvm.remote.processes import kill_process_tree, popen_child
 
 KEY = "rpi-emu-fleet"
 
@@ -85,6 +86,16 @@ class _Fleet:
         """Sessions board ``i`` served, from its server's log (TVM's "connected from" lines)."""
         return self.servers[i].log.read_text(errors="replace").count("connected from")
 
+    def all_free(self, timeout=60):
+        """Every live board is free again at the tracker: the run closed all its sessions."""
+        from dsconv_tvm.remote.tracker import board_free_count, tracker_summary
+
+        live = sum(1 for s in self.servers if s is not None and s.proc.poll() is None)
+        t0 = time.time()
+        while board_free_count(tracker_summary("127.0.0.1", self.tracker.port), KEY) < live:
+            assert time.time() - t0 < timeout, "a session was left open on a board"
+            time.sleep(0.3)
+
     def kill(self, i):
         kill_process_tree(self.servers[i].proc.pid)
         self.servers[i].proc.wait(timeout=10)
@@ -138,6 +149,7 @@ def test_tune_measures_on_every_board_of_the_key(fleet, tmp_path):
     recs = _records(work)
     assert len(recs) == res.candidates == sum(c["measured"] for c in res.boards.values()) >= 4
     assert all(0 < t < 10 for r in recs for t in _run_secs(r))
+    fleet.all_free()
 
 
 def _cli_call(*argv):
@@ -186,6 +198,41 @@ def test_bench_all_times_each_board_once(fleet, fleet_libs, tmp_path):
     assert len(rows) == 2 and all(re.search(r"\b3/3\s+OK \(max \|diff\|", r) for r in rows), out
     assert "EMULATED" in out
     assert [fleet.sessions(i) - before[i] for i in range(2)] == [1, 1]   # the boards' own logs
+    fleet.all_free()
+
+
+def test_bench_all_with_a_board_killed_reports_it_and_keeps_the_others(fleet, fleet_libs, tmp_path):
+    fleet.ensure()
+    js, out, err = tmp_path / "all.json", tmp_path / "out.txt", tmp_path / "err.txt"
+    bench = popen_child([sys.executable, "-m", "dsconv_tvm.cli", "bench", fleet_libs["rpi5"], "--tracker",
+                         fleet.tracker.address, "--key", KEY, "--all", "--repeat", "4000", "--number", "1",
+                         "--no-check", "--json", str(js), "--timeout", "60"],
+                        stdout=open(out, "w"), stderr=open(err, "w"), stdin=subprocess.DEVNULL, cwd=str(REPO))
+    try:
+        t0 = time.time()
+        while err.read_text().count(": measuring") < 2:
+            assert bench.poll() is None and time.time() - t0 < 180, err.read_text()
+            time.sleep(0.1)
+        fleet.kill(1)                                  # one board dies while both measure
+        rc = bench.wait(timeout=300)
+    finally:
+        if bench.poll() is None:
+            kill_process_tree(bench.pid)
+    e = err.read_text()
+    assert rc == 2, e
+    line = _one_error_line(e, "bench")
+    assert "1 of 2 boards" in line and fleet.servers[1].address in line and "connection to the board was lost" in line
+    data = json.loads(js.read_text())
+    by_board = {b["board"]: b for b in data["boards"]}
+    dead, alive = by_board[fleet.servers[1].address], by_board[fleet.servers[0].address]
+    assert not dead["complete"] and dead["error"] and dead["measured"] < 4000
+    assert alive["complete"] and alive["measured"] == 4000 and alive["error"] is None
+    assert data["boards_ok"] == 1 and not data["complete"]
+    rows = {ln.split()[0]: ln for ln in out.read_text().splitlines() if ln.startswith("127.0.0.1:")}
+    assert "FAILED: " in rows[fleet.servers[1].address] and "4000/4000" in rows[fleet.servers[0].address]
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if f"--parent={bench.pid}" in (p.info.get("cmdline") or [])]   # no bench worker left
+    fleet.all_free()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -251,6 +298,7 @@ def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
     assert len(failed) == res.failures
     assert all(0 < t < 10 for r in recs if r not in failed for t in _run_secs(r))
     assert took < 600
+    fleet.all_free()
 
 
 def _tree_alive(pid):
