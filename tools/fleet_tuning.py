@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,20 +94,44 @@ def one_run(model: str, n: int, trials: int, per_iter: int, seed: int) -> dict:
                          log=lambda m: print(f"  {m}", flush=True))
         wall = time.time() - t0
         load_after = os.getloadavg()
+        sessions = measuring_seconds(os.path.join(work, "logs", "boards.jsonl"))
     finally:
         for p in reversed(procs):
             kill_process_tree(p.pid)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
     per_min = res.candidates / (res.seconds / 60.0) if res.seconds else 0.0
+    busy = sum(c["busy_s"] for c in res.boards.values())
     print(f"{n} board(s): {res.candidates} candidates in {res.seconds:.0f} s of tuning = {per_min:.1f}/min; "
-          f"{res.failures} failed; per board {res.boards}; load {load_before} -> {load_after}", flush=True)
+          f"{res.failures} failed; boards in sessions {busy:.0f} s, some board busy {sessions:.0f} s of the loop; "
+          f"per board {res.boards}; load {load_before} -> {load_after}", flush=True)
     return {"boards": n, "workers": res.workers, "trials": trials, "trials_per_iter": per_iter,
             "seed": seed, "tasks": len(res.tasks), "candidates": res.candidates, "failures": res.failures,
             "tuning_seconds": round(res.seconds, 1), "run_seconds_incl_task_extraction": round(wall, 1),
             "candidates_per_minute": round(per_min, 2), "per_board": res.boards,
+            # the boards' sessions (request, upload, load, time, clean up) as a share of the loop
+            "board_busy_share": round(busy / (n * res.seconds), 3) if res.seconds else None,
+            "board_session_seconds": round(busy, 1),
+            # wall seconds in which at least one board was in a session: what parallel boards shorten
+            "measuring_wall_seconds": round(sessions, 1),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in load_after]}
+
+
+def measuring_seconds(journal: str) -> float:
+    """Seconds of the union of the candidates' board sessions (journal lines: end ``t``, length
+    ``seconds``)."""
+    spans = []
+    with open(journal) as f:
+        for line in f:
+            rec = json.loads(line)
+            spans.append((rec["t"] - rec["seconds"], rec["t"]))
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def main(argv=None) -> int:
@@ -116,13 +141,21 @@ def main(argv=None) -> int:
     p.add_argument("--trials-per-iter", type=int, default=8)
     p.add_argument("--boards", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run the board counts this many times, in reverse order every other round")
     p.add_argument("--out", default=str(REPO / "results" / "fleet_tuning.json"))
     args = p.parse_args(argv)
-    runs = [one_run(args.model, n, args.trials, args.trials_per_iter, args.seed) for n in args.boards]
-    base = next((r for r in runs if r["boards"] == 1), None)
-    for r in runs:
-        r["ratio_to_one_board"] = (round(r["candidates_per_minute"] / base["candidates_per_minute"], 2)
-                                   if base and base["candidates_per_minute"] else None)
+    runs = []
+    for k in range(args.rounds):
+        for n in (args.boards if k % 2 == 0 else args.boards[::-1]):
+            runs.append({"round": k + 1, **one_run(args.model, n, args.trials, args.trials_per_iter, args.seed)})
+    summary = {}
+    for n in args.boards:
+        rates = sorted(r["candidates_per_minute"] for r in runs if r["boards"] == n)
+        summary[str(n)] = {"candidates_per_minute": rates, "median": round(statistics.median(rates), 2)}
+    base = summary.get("1", {}).get("median")
+    for entry in summary.values():
+        entry["ratio_to_one_board"] = round(entry["median"] / base, 2) if base else None
     data = {"what": "MetaSchedule candidates measured per minute of the tuning loop, rpi5 target, on "
                     "emulated boards (qemu-aarch64) under one key",
             "model": os.path.relpath(args.model, REPO) if args.model.startswith(str(REPO)) else
@@ -130,7 +163,7 @@ def main(argv=None) -> int:
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": _cpu_name()},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "note": "the emulated boards, the host's builder and the search share the host's cores: "
-                    "the ratio is not the scaling of real boards", "runs": runs}
+                    "the ratio is not the scaling of real boards", "summary": summary, "runs": runs}
     text = json.dumps(data, indent=1).encode()
     atomic_write(args.out, lambda f: f.write(text))
     print(f"wrote {args.out}")

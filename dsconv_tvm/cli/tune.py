@@ -85,7 +85,8 @@ def cmd_tune(args) -> int:
         print(f"warning: {result.failures} of {result.trials} candidates failed to build or run; first error: "
               f"{(lines[-1] if lines else '?')[:300]}", file=sys.stderr)
     for board, c in sorted(result.boards.items()):
-        print(f"board     {board}: {c['measured']} candidates measured, {c['failed']} failed")
+        print(f"board     {board}: {c['measured']} candidates measured, {c['failed']} failed, "
+              f"{c['busy_s']:.0f} s in sessions of the run's {result.seconds:.0f} s")
     final, reach, n10 = convergence(result.history)
     print(f"tuned {len(result.tasks)} tasks with {result.trials} trials in {result.seconds:.0f} s; best total "
           f"{final:.3f} ms (the tasks' best kernels x calls per run), within 10 % of it after {n10} trials / "

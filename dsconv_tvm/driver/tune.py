@@ -13,9 +13,7 @@ Where ``compile`` finds the records: :mod:`.database`.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +37,7 @@ class TuneResult:
     history: list[tuple[float, int, float]] = field(default_factory=list)   # (seconds, trials, total ms)
     failures: int = 0                 # candidates that failed to build or run
     first_error: str = ""
-    boards: dict = field(default_factory=dict)   # board "HOST:PORT" -> {"measured": n, "failed": m}
+    boards: dict = field(default_factory=dict)   # "HOST:PORT" -> {"measured", "failed", "busy_s"}
     workers: int = 0                  # boards measuring at once (0: measured here)
     candidates: int = 0               # candidates measured (or failed): one database record each
 
@@ -192,8 +190,10 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     builder = ms.builder.LocalBuilder(timeout_sec=120, **backend.tuning_builder_options(spec))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     result = TuneResult(work_dir, names, trials, 0.0)
-    journal_dir = tempfile.mkdtemp(prefix="dsconv-tune-")
-    journal = os.path.join(journal_dir, "boards.jsonl")      # one line per candidate measured remotely
+    # one line per candidate measured on a board: which board, measured or failed, seconds
+    journal = os.path.join(work_dir, "logs", "boards.jsonl")
+    os.makedirs(os.path.dirname(journal), exist_ok=True)
+    open(journal, "w").close()                               # this run's candidates only
     if tracker:
         host, port, free, registered = fleet
         result.workers = free
@@ -223,7 +223,6 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
         DEFER_INTERRUPTS.pop()
         result.seconds = time.time() - t0
         result.boards = journal_counts(journal)
-        shutil.rmtree(journal_dir, ignore_errors=True)
         if tracker:
             runner.pool.shutdown()        # no idle worker process outlives the run
         # every record measured so far stays valid, even when interrupted in the middle of a write

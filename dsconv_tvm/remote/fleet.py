@@ -3,8 +3,9 @@
 Tuning measures MetaSchedule's candidates on all free boards of the key in parallel (TVM's
 ``RPCRunner`` with one worker process per board; each candidate asks the tracker for a free board,
 so a board that dies only costs the candidate it was measuring, and the others go to the boards
-left).  Every finished candidate appends one line ``{"board": "HOST:PORT", "ok": bool}`` to a
-journal file, which gives the per-board counts.  ``bench --all`` uses :func:`fleet_boards`.
+left).  Every finished candidate appends one line ``{"board": "HOST:PORT", "ok": bool, "t": end,
+"seconds": session}`` to a journal file (``tune``: ``WORK_DIR/logs/boards.jsonl``), which gives the
+per-board counts.  ``bench --all`` uses :func:`fleet_boards`.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class BoardSession(SessionRef):
     """An RPC session on one board of the fleet: ``board`` is its address, ``measured`` is set
     once its candidate has been timed."""
 
-    def __init__(self, sess, board: str):
+    def __init__(self, sess, board: str, started: float):
         super().__init__(sess)
-        self.board = board
+        self.board, self.started = board, started
         self.measured = False
 
 
@@ -76,10 +77,11 @@ def fleet_create_session(rpc_config):
     from tvm import rpc
 
     wait = float(rpc_config.session_timeout_sec or 60)
+    t0 = time.time()
     bhost, bport, matchkey = request_board(rpc_config.tracker_host, int(rpc_config.tracker_port),
                                            rpc_config.tracker_key, time.time() + wait)
     sess = rpc.connect(bhost, bport, matchkey, session_timeout=rpc_config.session_timeout_sec or 0)
-    return BoardSession(sess, f"{bhost}:{bport}")
+    return BoardSession(sess, f"{bhost}:{bport}", t0)
 
 
 def fleet_run_evaluator(session, rt_mod, device, evaluator_config, repeated_args):
@@ -102,7 +104,9 @@ def fleet_cleanup(session, remote_path, journal: str) -> None:
                 session.remove(path)
         except Exception:  # noqa: BLE001  (a board that died: nothing to remove)
             pass
-    line = json.dumps({"board": session.board, "ok": bool(session.measured), "t": time.time()})
+    now = time.time()
+    line = json.dumps({"board": session.board, "ok": bool(session.measured), "t": now,
+                       "seconds": round(now - session.started, 3)})
     with open(journal, "a") as f:           # one short write per line: whole lines, any order
         f.write(line + "\n")
     session.close()
@@ -150,18 +154,20 @@ def fleet_runner(host: str, port: int, key: str, workers: int, timeout: float, e
     return runner
 
 
-def journal_counts(journal: str) -> dict[str, dict[str, int]]:
-    """Per board: ``{"measured": n, "failed": m}`` from a fleet journal (damaged lines skipped)."""
-    counts: dict[str, dict[str, int]] = {}
+def journal_counts(journal: str) -> dict[str, dict]:
+    """Per board: ``{"measured": n, "failed": m, "busy_s": s}`` from a fleet journal (damaged lines
+    skipped); ``busy_s``: the seconds its sessions lasted (from the board request to the cleanup)."""
+    counts: dict[str, dict] = {}
     if not os.path.exists(journal):
         return counts
     with open(journal) as f:
         for line in f:
             try:
                 rec = json.loads(line)
-                board, ok = str(rec["board"]), bool(rec["ok"])
+                board, ok, busy = str(rec["board"]), bool(rec["ok"]), float(rec.get("seconds", 0.0))
             except (ValueError, KeyError, TypeError):
                 continue
-            c = counts.setdefault(board, {"measured": 0, "failed": 0})
+            c = counts.setdefault(board, {"measured": 0, "failed": 0, "busy_s": 0.0})
             c["measured" if ok else "failed"] += 1
+            c["busy_s"] = round(c["busy_s"] + busy, 3)
     return counts

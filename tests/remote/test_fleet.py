@@ -265,12 +265,17 @@ def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
     victim, survivor = fleet.servers[1], fleet.servers[0]
     killed = {}
 
+    def counts():
+        text = victim.log.read_text(errors="replace")
+        return text.count("connected from"), text.count("finish serving")
+    c0, f0 = counts()                                 # sessions of earlier tests
+
     def kill_when_busy():
-        """Kill board 1 while it serves its second candidate (connected, not finished)."""
+        """Kill board 1 while it serves its second candidate of this run (connected, not finished)."""
         t0 = time.time()
         while time.time() - t0 < 300:
-            text = victim.log.read_text(errors="replace")
-            if text.count("connected from") >= 2 and text.count("connected from") > text.count("finish serving"):
+            c, f = counts()
+            if c - c0 >= 2 and c - f > c0 - f0:
                 killed["survivor_sessions"] = fleet.sessions(0)
                 killed["at"] = time.time()
                 fleet.kill(1)
