@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
 
+from .processes import set_parent_death_signal
 from .tracker import (
     RemoteError,
     SessionRef,
@@ -148,9 +150,12 @@ def fleet_runner(host: str, port: int, key: str, workers: int, timeout: float, e
         f_create_session=fleet_create_session,
         f_alloc_argument=alloc_arguments_from_host, f_run_evaluator=fleet_run_evaluator,
         f_cleanup=functools.partial(fleet_cleanup, journal=journal))
-    # TVM's pool waits for a candidate without a limit: give each one a bound
+    # TVM's pool waits for a candidate without a limit: give each one a bound; and its workers (each
+    # holding a board's session) die with this process, even when it is SIGKILLed
     runner.pool.shutdown()
-    runner.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * timeout + 30)
+    runner.pool = PopenPoolExecutor(
+        max_workers=workers, timeout=2 * timeout + 30,
+        initializer=functools.partial(set_parent_death_signal, signal.SIGKILL, os.getpid()))
     return runner
 
 

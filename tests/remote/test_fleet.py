@@ -310,3 +310,36 @@ def _tree_alive(pid):
     with contextlib.suppress(psutil.NoSuchProcess):
         return psutil.Process(pid).is_running() and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     return False
+
+
+def test_a_killed_tune_run_leaves_no_process_and_frees_the_boards(fleet, tmp_path):
+    """SIGKILL of ``tune`` while both boards measure: its runner workers die with it (parent-death
+    signal), the rest of its tree ends within a bound, and both boards are free again."""
+    fleet.ensure()
+    model = _two_conv_model(tmp_path / "two.onnx")
+    c0 = [fleet.sessions(0), fleet.sessions(1)]
+    err = tmp_path / "tune.err"
+    tune = popen_child([sys.executable, "-m", "dsconv_tvm.cli", "tune", model, "--target", "rpi5", "--work-dir",
+                        str(tmp_path / "db"), "--trials", "64", "--trials-per-iter", "8", "--block", "8",
+                        "--first-layer", "dsconv", "--tracker", fleet.tracker.address, "--key", KEY,
+                        "--timeout", "60"], stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                       stdin=subprocess.DEVNULL, cwd=str(REPO))
+    tree = []
+    try:
+        t0 = time.time()
+        while min(fleet.sessions(i) - c0[i] for i in range(2)) < 1:    # both boards measured
+            assert tune.poll() is None and time.time() - t0 < 300, err.read_text()[-2000:]
+            time.sleep(0.1)
+        tree = psutil.Process(tune.pid).children(recursive=True)
+        assert tree
+        tune.kill()
+        tune.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    finally:
+        if tune.poll() is None:
+            kill_process_tree(tune.pid)
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    fleet.all_free()
