@@ -11,6 +11,8 @@ The remote session runs in a child process that reports every step and every mea
 supervisor as it happens; the supervisor kills it when the board stops answering (``timeout``
 seconds without progress), so a board that dies or hangs gives one clear error in bounded time, the
 measurements already made are kept (``RemoteError.partial``), and no process is left behind.
+:func:`bench_all` runs one such child per board registered with the key, all at once, and keeps
+each board's result (and error) apart.
 """
 
 from __future__ import annotations
