@@ -245,6 +245,17 @@ def test_bench_all_usage_errors(fleet_libs, argv, needle):
     assert rc == 2 and needle in _one_error_line(err, "bench")
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--key", "k"], "--key needs --tracker HOST:PORT"),
+    (["--tracker", "127.0.0.1:9", "--key", "k", "--timeout", "0"], "--timeout 0: must be > 0"),
+])
+def test_tune_fleet_usage_errors(tmp_path, argv, needle):
+    model = _two_conv_model(tmp_path / "two.onnx")
+    rc, _out, err = _cli_call("tune", model, "--target", "rpi5", "--work-dir", tmp_path / "db", *argv)
+    assert rc == 2 and needle in _one_error_line(err, "tune")
+    assert not (tmp_path / "db").exists()
+
+
 def test_a_key_without_boards_is_one_error_line(fleet, fleet_libs, tmp_path):
     t0 = time.time()
     rc, _out, err = _cli_call("bench", fleet_libs["rpi5"], "--tracker", fleet.tracker.address, "--key",
