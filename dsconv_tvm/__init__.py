@@ -18,8 +18,9 @@ name                     what it is
 ``load_onnx``            load, check and BN-fold an ONNX model (``frontend.onnx``)
 ``load_library``         a compiled host ``.so`` in a Relax VM and its input shape (``execute.runner``)
 ``predict``              run a host ``.so`` on an array of samples (``execute.runner``)
-``bench_local``,         latency of a ``.so`` here / on a board over the RPC tracker (``remote.bench``)
-``bench_remote``
+``bench_local``,         latency of a ``.so`` here / on a board over the RPC tracker / on every
+``bench_remote``,        board of a key at once (``remote.bench``)
+``bench_all``
 ``evaluate``             fp32 vs the compiled DSConv model on data (``accuracy.evaluate``)
 ``adapt_model``          unlabelled layer-wise adaptation of the KDS scales (``accuracy.adapt``)
 ``choose_bits``          mixed precision: per-layer bits by sensitivity under a byte budget, for
@@ -51,6 +52,7 @@ _API = {
     "predict": "execute.runner",
     "bench_local": "remote.bench",
     "bench_remote": "remote.bench",
+    "bench_all": "remote.bench",
     "evaluate": "accuracy.evaluate",
     "adapt_model": "accuracy.adapt",
     "choose_bits": "accuracy.mixed",

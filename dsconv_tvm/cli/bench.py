@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     b.add_argument("library", help="the compiled .so")
     b.add_argument("--tracker", default=None, metavar="HOST:PORT", help="the RPC tracker")
     b.add_argument("--key", default=None, help="the board's key at the tracker (e.g. rpi5)")
+    b.add_argument("--all", action="store_true",
+                   help="time the library on every board registered with --key, all at once, and "
+                        "report per board (a table with one row per board; --json: per-board figures)")
     b.add_argument("--repeat", type=int, default=30, help="measurements (default 30)")
     b.add_argument("--number", type=int, default=5,
                    help="calls averaged per measurement (default 5)")
@@ -45,7 +48,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from ..remote.bench import bench_local, bench_remote
+    from ..remote.bench import bench_all, bench_local, bench_remote, fleet_json, fleet_lines
 
     if args.repeat < 1 or args.number < 1:
         raise RemoteError("--repeat and --number must be >= 1")
@@ -53,6 +56,10 @@ def cmd_bench(args) -> int:
         raise RemoteError("--timeout must be > 0")
     if args.key and not args.tracker:
         raise RemoteError("--key needs --tracker HOST:PORT")
+    if args.all and not (args.tracker and args.key):
+        raise RemoteError("--all needs --tracker HOST:PORT and --key KEY (every board with the key)")
+    if args.all and args.output:
+        raise RemoteError("--output saves one board's output: not with --all")
     for path in (args.json, args.output):
         if path:
             check_output_path(path, inputs=[args.library, args.reference])
@@ -64,8 +71,25 @@ def cmd_bench(args) -> int:
 
     def write_json(res):
         if args.json and res is not None:
-            data = json.dumps(res.to_json(), indent=2).encode()
+            data = json.dumps(res if isinstance(res, dict) else res.to_json(), indent=2).encode()
             atomic_write(args.json, lambda f: f.write(data))
+
+    if args.all:
+        results = bench_all(args.library, args.tracker, args.key, args.repeat, args.number,
+                            timeout=args.timeout, session_timeout=args.session_timeout,
+                            emulated=True if args.emulated else None, reference=args.reference,
+                            check=not args.no_check, log=log)
+        print("\n".join(fleet_lines(results)))
+        summary = fleet_json(results)
+        write_json(summary)
+        if args.json:
+            print(f"wrote     {args.json}")
+        bad = [r for r in results if r.error or (r.check and r.check.get("ok") is False)]
+        if bad:
+            first = bad[0].error or "its output does not match the host run"
+            raise RemoteError(f"{len(bad)} of {len(results)} boards with key '{args.key}' failed; "
+                              f"board {bad[0].board or '?'}: {first}")
+        return 0
 
     if not args.tracker:
         if args.output:

@@ -29,9 +29,13 @@ def add_parser(sub) -> None:
     tu.add_argument("--work-dir", default="tuning", help="database directory (default ./tuning)")
     tu.add_argument("--input-shapes", default=None, help='static input shapes, e.g. "input:[1,1,28,28]"')
     tu.add_argument("--tracker", default=None, metavar="HOST:PORT",
-                    help="measure on a board registered at this TVM RPC tracker")
-    tu.add_argument("--key", default=None, help="the board's key at the tracker")
-    tu.add_argument("--timeout", type=float, default=120, help="RPC session timeout, seconds")
+                    help="measure on the boards registered at this TVM RPC tracker")
+    tu.add_argument("--key", default=None,
+                    help="the boards' key at the tracker: every free board with it measures "
+                         "candidates at once (one worker per board)")
+    tu.add_argument("--timeout", type=float, default=120,
+                    help="seconds to wait for a free board, and the RPC session timeout of each "
+                         "candidate (default 120)")
     tu.add_argument("--fp32", action="store_true",
                     help="tune the fp32 model as imported (no DSConv rewrite): the baseline, tuned "
                          "with the same tuner; build it with tools/benchmark.py")
@@ -66,6 +70,10 @@ def cmd_tune(args) -> int:
         raise ConfigError("--tracker needs --key (the board's key at the tracker)")
     if args.tracker and ":" not in args.tracker:
         raise ConfigError(f"--tracker {args.tracker!r}: expected HOST:PORT")
+    if args.key and not args.tracker:
+        raise ConfigError("--key needs --tracker HOST:PORT")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be > 0")
     result = tune_model(args.model, args.target, args.work_dir, config_from_args(args),
                         parse_input_shapes(args.input_shapes), trials=args.trials,
                         trials_per_iter=args.trials_per_iter, trials_per_task=args.trials_per_task,
@@ -76,6 +84,9 @@ def cmd_tune(args) -> int:
         lines = [l for l in result.first_error.splitlines() if l.strip()]
         print(f"warning: {result.failures} of {result.trials} candidates failed to build or run; first error: "
               f"{(lines[-1] if lines else '?')[:300]}", file=sys.stderr)
+    for board, c in sorted(result.boards.items()):
+        print(f"board     {board}: {c['measured']} candidates measured, {c['failed']} failed, "
+              f"{c['busy_s']:.0f} s in sessions of the run's {result.seconds:.0f} s")
     final, reach, n10 = convergence(result.history)
     print(f"tuned {len(result.tasks)} tasks with {result.trials} trials in {result.seconds:.0f} s; best total "
           f"{final:.3f} ms (the tasks' best kernels x calls per run), within 10 % of it after {n10} trials / "

@@ -2,8 +2,9 @@
 
 ``tune_model`` extracts every TensorIR task of the DSConv-rewritten model (the DSConv layers and the
 ops kept in fp32), tunes them with MetaSchedule (evolutionary search guided by XGBoost), measuring
-locally or on a board through the TVM RPC tracker (candidates are cross-linked into a ``.so`` on the
-host, so the board needs no compiler).  Every measured record is appended to the JSON database in
+locally or on the boards of one key at a TVM RPC tracker, all of them at once (candidates are built
+in parallel and cross-linked into a ``.so`` on the host, so the boards need no compiler; see
+:mod:`dsconv_tvm.remote.fleet`).  Every measured record is appended to the JSON database in
 the work dir as soon as it is measured, so an interrupted run loses nothing already measured.
 
 Where ``compile`` finds the records: :mod:`.database`.
@@ -21,13 +22,7 @@ from ..backends.common import import_cpu_tensor_intrinsics, is_dsconv
 from ..config import DSConvConfig
 from ..errors import DEFER_INTERRUPTS, OutputError, TargetError, check_interrupted
 from ..frontend.onnx import load_onnx
-from ..remote.tracker import (
-    RemoteError,
-    bounded_create_session,
-    parse_address,
-    registered_keys,
-    tracker_summary,
-)
+from ..remote.fleet import fleet_runner, journal_counts, wait_for_boards
 from ..target import get_target
 from .compile import build_relax, rewrite_dsconv
 from .database import repair_database
@@ -42,6 +37,9 @@ class TuneResult:
     history: list[tuple[float, int, float]] = field(default_factory=list)   # (seconds, trials, total ms)
     failures: int = 0                 # candidates that failed to build or run
     first_error: str = ""
+    boards: dict = field(default_factory=dict)   # "HOST:PORT" -> {"measured", "failed", "busy_s"}
+    workers: int = 0                  # boards measuring at once (0: measured here)
+    candidates: int = 0               # candidates measured (or failed): one database record each
 
 
 def convergence(history) -> tuple[float, float, int]:
@@ -52,28 +50,6 @@ def convergence(history) -> tuple[float, float, int]:
     final = history[-1][2]
     first = next((t, n) for t, n, ms_ in history if ms_ <= 1.1 * final)
     return final, first[0], first[1]
-
-
-def alloc_arguments_from_host(session, device, args_info, alloc_repeat):
-    """MetaSchedule RPC argument allocation that fills the board's tensors with random data made on
-    the host (the default calls ``tvm.contrib.random`` on the board, which a runtime-only TVM lacks)."""
-    import numpy as np
-    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
-
-    rng = np.random.default_rng(0)
-
-    def fill(arg):
-        dt = np.dtype(str(arg.dtype))
-        shape = tuple(int(d) for d in arg.shape)
-        if dt.kind == "f":
-            data = rng.standard_normal(shape).astype(dt)
-        else:
-            info = np.iinfo(dt)
-            data = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dt)
-        arg.copyfrom(data)
-
-    del session
-    return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
 def _progress_callback(weights: list[float], total_trials: int, result: TuneResult, stream, t0: float):
@@ -92,6 +68,7 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             check_interrupted()           # a deferred Ctrl-C / SIGTERM ends the tuning here
             self.trials += len(runner_results)
+            result.candidates = self.trials
             for b, res in zip(builder_results, runner_results):
                 err = b.error_msg or res.error_msg
                 if err:
@@ -113,27 +90,6 @@ def _progress_callback(weights: list[float], total_trials: int, result: TuneResu
                   f"best total {total:.3f} ms  {time.time() - t0:.0f} s", file=stream, flush=True)
 
     return Progress()
-
-
-def _wait_for_board(tracker: str, key: str, timeout: float) -> tuple[str, int]:
-    """Wait (up to ``timeout`` s) until a board with ``key`` is free at the tracker; one clear error
-    otherwise (MetaSchedule would only record every candidate as failed)."""
-
-    host, port = parse_address(tracker, "--tracker")
-    t0 = time.time()
-    keys: dict = {}
-    while True:
-        try:
-            keys = registered_keys(tracker_summary(host, port, timeout=min(10.0, timeout)))
-        except RemoteError as exc:
-            raise TargetError(f"tracker {tracker} is not reachable: {exc}") from exc
-        if keys.get(key):
-            return host, port
-        if time.time() - t0 > timeout:
-            listed = ", ".join(sorted(keys)) or "none"
-            raise TargetError(f"no free board with key '{key}' at tracker {tracker} after {timeout:.0f} s "
-                              f"(free keys: {listed})")
-        time.sleep(0.5)
 
 
 def _quiet_metaschedule_console() -> None:
@@ -196,6 +152,8 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     if tracker is None and not spec.runs_here():
         raise TargetError(f"target '{spec.name}' does not run on this machine: measure on the board with "
                           f"--tracker HOST:PORT --key KEY (timings under emulation mean nothing)")
+    # every free board with the key measures at once; none in time: one error line, before the work
+    fleet = wait_for_boards(tracker, key, timeout) if tracker else None
     os.makedirs(work_dir, exist_ok=True)
     if not os.access(work_dir, os.W_OK):
         raise OutputError(f"cannot write the tuning database to {work_dir}")
@@ -231,17 +189,21 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     _quiet_metaschedule_console()           # creating the contexts configures the loggers again
     builder = ms.builder.LocalBuilder(timeout_sec=120, **backend.tuning_builder_options(spec))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
+    result = TuneResult(work_dir, names, trials, 0.0)
+    # one line per candidate measured on a board: which board, measured or failed, seconds
+    journal = os.path.join(work_dir, "logs", "boards.jsonl")
+    os.makedirs(os.path.dirname(journal), exist_ok=True)
+    open(journal, "w").close()                               # this run's candidates only
     if tracker:
-        host, port = _wait_for_board(tracker, key, timeout)
-        runner = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
-                                           tracker_key=key, session_timeout_sec=int(timeout)),
-            evaluator_config=evaluator, max_workers=1, f_alloc_argument=alloc_arguments_from_host,
-            f_create_session=bounded_create_session)
+        host, port, free, registered = fleet
+        result.workers = free
+        log(f"measuring on {free} board{'s' if free > 1 else ''} with key '{key}' at once "
+            f"({registered} registered at tracker {tracker}); building on {builder.max_workers} "
+            f"host process{'es' if builder.max_workers > 1 else ''}")
+        runner = fleet_runner(host, port, key, free, timeout, evaluator, journal)
     else:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator)
     database = ms.database.JSONDatabase(work_dir=work_dir)
-    result = TuneResult(work_dir, names, trials, 0.0)
     t0 = time.time()
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                  _progress_callback([float(w) for w in weights], trials, result, stream, t0)]
@@ -260,6 +222,9 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
     finally:
         DEFER_INTERRUPTS.pop()
         result.seconds = time.time() - t0
+        result.boards = journal_counts(journal)
+        if tracker:
+            runner.pool.shutdown()        # no idle worker process outlives the run
         # every record measured so far stays valid, even when interrupted in the middle of a write
         repair_database(work_dir)
     return result

@@ -11,33 +11,31 @@ The remote session runs in a child process that reports every step and every mea
 supervisor as it happens; the supervisor kills it when the board stops answering (``timeout``
 seconds without progress), so a board that dies or hangs gives one clear error in bounded time, the
 measurements already made are kept (``RemoteError.partial``), and no process is left behind.
+:func:`bench_all` runs one such child per board registered with the key, all at once, and keeps
+each board's result (and error) apart.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import queue
 import shutil
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DSConvError, ModelError
+from ..errors import ModelError
 from ..execute.compare import CHECK_RTOL, check_close
 from ..execute.runner import bench_input, load_library, predict, time_main
 from ..fileio import atomic_write
 from ..host import host_machine, library_machine
-from .processes import kill_process_tree, popen_child
-from .tracker import RemoteError, explain, first_line, parse_address, registered_keys, request_board, tracker_summary
+from .bench_worker import Worker
+from .tracker import RemoteError, explain, parse_address, registered_keys, tracker_summary
 
 
 @dataclass
@@ -138,198 +136,165 @@ def bench_local(library: str, repeat: int = 30, number: int = 5, seed: int = 0,
     return res
 
 
-def _remote_input_shape(sess, vm, known):
-    """The compiled input shape (``dsconv_input_shapes()[0]``) of a library loaded on a board.
+class BoardRun:
+    """The supervisor's side of one remote-bench worker (:class:`.bench_worker.Worker`): the result
+    so far, the stage the worker is in, and the time by which its next event must come."""
 
-    Over RPC the function returns a handle to the board's ``Array[Shape]``; it is read with the
-    runtime's ``ffi.ArrayGetItem`` and ``rpc.testing.GetShapeSize/GetShapeElem`` (in
-    libtvm_runtime).  ``known`` (from a host library) is the fallback."""
-    try:
-        shapes = vm["dsconv_input_shapes"]()
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError("the library has no dsconv_input_shapes function (not built by "
-                         f"dsconv-tvm): {first_line(exc)}") from None
-    try:
-        return [int(d) for d in shapes[0]]
-    except TypeError:                          # a remote object handle
-        pass
-    try:
-        first = sess.get_function("ffi.ArrayGetItem")(shapes, 0)
-        size = int(sess.get_function("rpc.testing.GetShapeSize")(first))
-        elem = sess.get_function("rpc.testing.GetShapeElem")
-        return [int(elem(first, i)) for i in range(size)]
-    except Exception as exc:  # noqa: BLE001
-        if known:
-            return list(known)
-        raise ModelError(f"cannot read the library's input shape on the board ({first_line(exc)})"
-                         ) from None
+    def __init__(self, params: dict, res: BenchResult, events: queue.Queue, tag: int, timeout: float,
+                 log, label: str = ""):
+        self.params, self.res, self.timeout, self.log, self.label = params, res, timeout, log, label
+        self.key = params["key"]
+        self.worker = Worker(params, events, tag)
+        self.stage = "starting the benchmark process"
+        self.wait = timeout + 60.0       # the child's `import tvm` is not the board's fault
+        self.deadline = time.time() + self.wait
+        self.final = False               # the worker sent its last event and is exiting
+        self.held = False                # connected, waiting for the other boards (bench --all)
+        self.error: RemoteError | None = None
+        self.ref = None
 
+    @property
+    def active(self) -> bool:
+        return not self.final and self.error is None
 
-def _worker_session(params: dict, emit, state: dict) -> None:
-    """The remote session of a bench worker; every object holding the session is local here, so
-    that returning (or raising) and a ``gc.collect()`` close the session cleanly: TVM's RPC
-    server stops serving for good when a client vanishes with a reset connection."""
-    import tvm
-    from tvm import relax, rpc
+    def fail(self, exc: RemoteError) -> None:
+        self.error, self.res.error, exc.partial = exc, str(exc), self.res
 
-    x = ref = None
-    if params["reference"]:
-        # first, so that a reference this host cannot run fails before a board is taken
+    def expire(self) -> None:
+        self.fail(RemoteError(f"board '{self.key}' gave no answer for {self.wait:.0f} s while "
+                              f"{self.stage}; gave up", self.res))
 
-        state["stage"] = f"running {params['reference']} here (the reference)"
-        emit("reference")
-        ref_vm, ref_shape = load_library(params["reference"])
-        x = bench_input(ref_shape, params["seed"])
-        ref = ref_vm["main"](tvm.runtime.tensor(x)).numpy()
-        del ref_vm
-    emit("ready")
-    state["stage"] = "requesting a board"
-    th, tp = params["tracker"]
-    deadline = max(params["deadline"], time.time() + 1.0)
-    bhost, bport, matchkey = request_board(th, tp, params["key"], deadline)
-    emit("granted", board=f"{bhost}:{bport}")
-    state["stage"] = "connecting to the board"
-    sess = rpc.connect(bhost, bport, matchkey, session_timeout=params["session_timeout"])
-    emit("connected")
-    state["stage"] = "uploading the library"
-    name = os.path.basename(params["library"])
-    sess.upload(params["library"], name)
-    emit("uploaded")
-    state["stage"] = "loading the library"
-    dev = sess.cpu()
-    vm = relax.VirtualMachine(sess.load_module(name), dev)
-    shape = _remote_input_shape(sess, vm, None if x is None else list(x.shape))
-    emit("loaded", shape=shape)
-    if x is not None and list(x.shape) != list(shape):
-        raise ModelError(f"--reference {params['reference']} has input shape {list(x.shape)} but "
-                         f"the benchmarked library has {list(shape)}: not the same model")
-    state["stage"] = "running the model"
-    if x is None:
-        x = bench_input(shape, params["seed"])
-    rx = tvm.runtime.tensor(x, device=dev)
-    y = vm["main"](rx).numpy()
-    np.savez(params["output_file"], x=x, y=y, **({} if ref is None else {"ref": ref}))
-    emit("output")
-    state["stage"] = "measuring"
-    vm.set_input("main", rx)
-    done, chunk, target_s = 0, 1, params["chunk_seconds"]
-    while done < params["repeat"]:
-        k = min(chunk, params["repeat"] - done)
-        t0 = time.perf_counter()
-        timer = vm.time_evaluator("invoke_stateful", dev, number=params["number"], repeat=k)
-        res = timer("main")
-        wall = time.perf_counter() - t0
-        done += k
-        emit("times", ms=[t * 1e3 for t in res.results])
-        # batch the next measurements so that one round trip takes about target_s seconds
-        chunk = max(1, min(1000, int(k * target_s / max(wall, 1e-6))))
-    state["stage"] = "closing the session"
+    def release(self) -> None:
+        """Every board is held: this one goes on."""
+        self.held = False
+        self.deadline = time.time() + self.wait
+        self.worker.go()
 
+    def handle(self, ev) -> None:
+        """One event of the worker (``None``: its output closed); :class:`RemoteError` on a failure."""
+        res, key, p = self.res, self.key, self.params
+        if ev is None:
+            code = self.worker.proc.wait(timeout=5)
+            tail = self.worker.stderr_tail()
+            if self.stage == "running the reference here" and code < 0:
+                try:
+                    sig = signal.Signals(-code).name
+                except ValueError:
+                    sig = f"signal {-code}"
+                hint = ("; pass --no-check to skip the output check" if p["auto_reference"]
+                        else "; build the reference for this host (--target x86)")
+                raise RemoteError(f"{p['reference_name']} cannot run on this host (killed by {sig}: "
+                                  f"built for a CPU feature this host lacks?){hint}", res)
+            raise RemoteError(f"the benchmark process died (exit code {code}) while {self.stage}"
+                              + (f": {tail}" if tail else ""), res)
+        kind = ev["ev"]
+        self.wait = self.timeout
+        if kind == "reference":
+            self.stage = "running the reference here"
+        elif kind == "ready":
+            self.stage = f"waiting for a free board '{key}'"
+            self.wait = max(p["deadline"] - time.time(), 0.0) + 10.0
+            self.log(f"{self.label}requesting a board '{key}' from tracker {res.tracker}")
+        elif kind == "granted":
+            res.board = ev["board"]
+            self.stage = f"connecting to the board at {res.board}"
+            self.log(f"{self.label}got board {res.board}")
+        elif kind == "connected":
+            self.stage = "uploading the library"
+            self.held = bool(p.get("hold"))
+            self.log(f"{self.label}uploading {os.path.basename(p['library'])} ({p['machine']}, "
+                     f"{os.path.getsize(p['library']) / 1024:.0f} KB)")
+        elif kind == "uploaded":
+            self.stage = "loading the library on the board"
+        elif kind == "loaded":
+            res.input_shape = ev["shape"]
+            self.stage = "running the model on the board"
+        elif kind == "output":
+            self.stage = "measuring"
+            self.log(f"{self.label}measuring: repeat {res.repeat} x number {res.number}"
+                     + (" (emulated board: timings meaningless for speed)" if res.emulated else ""))
+        elif kind == "times":
+            res.times_ms.extend(ev["ms"])
+            self.stage = f"measuring ({len(res.times_ms)} of {res.repeat} done)"
+        elif kind == "done":
+            res.complete = self.final = True
+        elif kind == "error":
+            self.final = True
+            msg = explain(ev["message"])
+            if ev.get("user"):
+                raise RemoteError(msg, res)
+            if self.stage.startswith("measuring"):
+                where = f"during measurement {len(res.times_ms) + 1} of {res.repeat}"
+            else:
+                where = f"while {self.stage}"
+            raise RemoteError(f"board '{key}' failed {where}: {msg}", res)
+        self.deadline = float("inf") if self.held else time.time() + self.wait
 
-def worker_main() -> int:
-    """The child process of a remote bench: one JSON line of parameters on stdin, one JSON event per
-    line on (a private copy of) stdout.  Exits at once when stdin closes (the parent is gone)."""
-    import gc
-
-    events = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)                        # anything TVM prints goes to stderr, not into the events
-    params = json.loads(sys.stdin.readline())
-
-    def _watch_parent():
-        sys.stdin.read()                 # EOF: the parent exited or was killed
-        os._exit(3)
-    threading.Thread(target=_watch_parent, daemon=True).start()
-
-    def emit(ev, **kw):
-        events.write(json.dumps({"ev": ev, **kw}) + "\n")
-        events.flush()
-
-    state = {"stage": "starting"}
-    final = ("done", {})
-    try:
-        _worker_session(params, emit, state)
-    except DSConvError as exc:
-        final = ("error", {"stage": state["stage"], "message": str(exc), "user": True})
-    except Exception as exc:  # noqa: BLE001
-        final = ("error", {"stage": state["stage"], "message": first_line(exc), "user": False})
-    gc.collect()                         # frees the remote objects: the session ends cleanly
-    emit(final[0], **final[1])
-    return 0 if final[0] == "done" else 1
-
-
-class _Worker:
-    """A running remote-bench child: events arrive on a queue (``None`` when its stdout closes)."""
-
-    def __init__(self, params: dict):
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        # its own process group, and SIGKILLed by the kernel if this process dies
-        self.proc = popen_child(
-            [sys.executable, "-c", "import sys; from dsconv_tvm.remote.bench import worker_main; "
-             "sys.exit(worker_main())", "--dsconv-bench-worker", f"--parent={os.getpid()}"],
-            sig=signal.SIGKILL, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            text=True, env=env)
-        self.events: queue.Queue = queue.Queue()
-        self.proc.stdin.write(json.dumps(params) + "\n")
-        self.proc.stdin.flush()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
+    def close(self, output: str | None = None) -> None:
+        """Stop the worker, keep the board's input and output (``output``: also as a .npz)."""
+        self.worker.stop(grace=10.0 if self.final else 0.0)
+        x = y = None
+        out_file = self.params["output_file"]
+        if os.path.exists(out_file):
             try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                pass
-        self.events.put(None)
+                with np.load(out_file) as z:
+                    x, y = z["x"], z["y"]
+                    self.ref = z["ref"] if "ref" in z.files else None
+            except Exception:  # noqa: BLE001
+                x = y = self.ref = None
+        shutil.rmtree(os.path.dirname(out_file), ignore_errors=True)
+        self.res.board_io = None if x is None else (x, y)
+        if output and x is not None:
+            write_npz(output, x, y)
 
-    def next(self, timeout: float):
+    def check(self) -> None:
+        """The board's output against the reference run here (or why not)."""
+        p, res = self.params, self.res
+        if self.ref is not None and res.board_io is not None:
+            what = ("board output vs a run of the same library here" if p["auto_reference"]
+                    else f"board output vs host run of {p['reference_name']}")
+            res.check = {**check_close(res.board_io[1], self.ref), "what": what,
+                         "reference": p["reference"]}
+        elif res.board_io is not None:
+            why = ("--no-check" if not p["check"] else
+                   f"{os.path.basename(p['library'])} is an {p['machine']} library; pass --reference "
+                   f"HOST.so (the same model compiled for this host) to check the board's output")
+            res.check = {"skipped": why}
+
+
+def supervise(runs: list[BoardRun], events: queue.Queue) -> None:
+    """Hand the workers' events to their runs until every run is done or failed; a held run goes on
+    once every run is held or ended."""
+    while True:
+        active = [r for r in runs if r.active]
+        if not active:
+            return
+        if all(r.held for r in active):
+            for r in active:
+                r.release()
+        now = time.time()
+        for r in active:
+            if r.deadline <= now:
+                r.expire()
+        active = [r for r in active if r.active]
+        if not active:
+            return
         try:
-            return self.events.get(timeout=max(timeout, 0.0))
+            tag, ev = events.get(timeout=max(min(r.deadline for r in active) - now, 0.0))
         except queue.Empty:
-            return "timeout"
-
-    def stderr_tail(self) -> str:
-        try:
-            self.stderr.seek(0)
-            lines = [ln.strip() for ln in self.stderr.read().splitlines() if ln.strip()]
-            return lines[-1][:300] if lines else ""
-        except (OSError, ValueError):
-            return ""
-
-    def stop(self, grace: float = 0.0):
-        """End the worker: let it exit by itself for ``grace`` seconds (after its final event),
-        then close its stdin (it exits at once) and kill its process tree."""
-        if grace > 0:
+            continue
+        run = runs[tag]
+        if run.active:
             try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        if self.proc.poll() is None:
-            kill_process_tree(self.proc.pid, timeout=3.0)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.stderr.close()
+                run.handle(ev)
+            except RemoteError as exc:
+                run.fail(exc)
 
 
-def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number: int = 5,
-                 timeout: float = 60.0, session_timeout: float = 0.0, emulated: bool | None = None,
-                 seed: int = 0, reference: str | None = None, output: str | None = None,
-                 check: bool = True, log=None) -> BenchResult:
-    """Time ``library`` on a board with ``key`` from ``tracker`` ("HOST:PORT").
-
-    ``timeout``: seconds to wait for the tracker, for a free board, and for each step on the
-    board (upload, load, run, each batch of measurements).  ``session_timeout``: the board ends
-    the session after that many seconds (0: no limit).  The board's output is compared with
-    ``reference`` (a host library of the same model; default: ``library`` itself when it is a host
-    library, unless ``check`` is False).  Raises :class:`RemoteError` (with the measurements made
-    so far in ``.partial``) when the tracker or the board fails."""
+def _bench_boards(library: str, tracker: str, key: str, boards: int | None, repeat: int, number: int,
+                  timeout: float, session_timeout: float, emulated: bool | None, seed: int,
+                  reference: str | None, output: str | None, check: bool, log) -> list[BoardRun]:
+    """``boards`` workers (None: one per board registered with ``key``), run to the end."""
     log = log or (lambda _m: None)
     t_start = time.time()
     th, tp = parse_address(tracker, "--tracker")
@@ -354,116 +319,100 @@ def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number:
         known = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
         raise RemoteError(f"no board registered with key '{key}' at tracker {th}:{tp} "
                           f"(registered keys: {known})")
-
-    res = BenchResult(library=os.path.abspath(library), mode="remote", repeat=repeat, number=number,
-                      tracker=f"{th}:{tp}", key=key, emulated=emulated)
-    tmpdir = tempfile.mkdtemp(prefix="dsconv-bench-")
-    out_file = os.path.join(tmpdir, "output.npz")
-    params = {"tracker": [th, tp], "key": key, "deadline": t_start + timeout,
-              "session_timeout": session_timeout, "library": os.path.abspath(library),
-              "repeat": repeat, "number": number, "seed": seed, "output_file": out_file,
-              "reference": os.path.abspath(reference) if reference else None,
-              "chunk_seconds": max(0.2, min(2.0, timeout / 5.0))}
-    worker = _Worker(params)
-    stage = "starting the benchmark process"
-    # waiting for the child's `import tvm` is not the board's fault: allow it more time
-    wait = timeout + 60.0
-    final = False                        # the worker sent its last event and is exiting
+    n = boards or keys[key]
+    events: queue.Queue = queue.Queue()
+    runs = []
     try:
-        while True:
-            ev = worker.next(wait)
-            if ev == "timeout":
-                raise RemoteError(f"board '{key}' gave no answer for {wait:.0f} s while {stage}; "
-                                  f"gave up", res)
-            if ev is None:
-                code = worker.proc.wait(timeout=5)
-                tail = worker.stderr_tail()
-                if stage == "running the reference here" and code < 0:
-                    try:
-                        sig = signal.Signals(-code).name
-                    except ValueError:
-                        sig = f"signal {-code}"
-                    hint = ("; pass --no-check to skip the output check" if auto_reference
-                            else "; build the reference for this host (--target x86)")
-                    raise RemoteError(f"{reference} cannot run on this host (killed by {sig}: "
-                                      f"built for a CPU feature this host lacks?){hint}", res)
-                raise RemoteError(f"the benchmark process died (exit code {code}) while {stage}"
-                                  + (f": {tail}" if tail else ""), res)
-            kind = ev["ev"]
-            wait = timeout
-            if kind == "reference":
-                stage = "running the reference here"
-            elif kind == "ready":
-                stage = f"waiting for a free board '{key}'"
-                wait = max(t_start + timeout - time.time(), 0.0) + 10.0
-                log(f"requesting a board '{key}' from tracker {th}:{tp}")
-            elif kind == "granted":
-                res.board = ev["board"]
-                stage = f"connecting to the board at {res.board}"
-                log(f"got board {res.board}")
-            elif kind == "connected":
-                stage = "uploading the library"
-                log(f"uploading {os.path.basename(library)} ({machine}, "
-                    f"{os.path.getsize(library) / 1024:.0f} KB)")
-            elif kind == "uploaded":
-                stage = "loading the library on the board"
-            elif kind == "loaded":
-                res.input_shape = ev["shape"]
-                stage = "running the model on the board"
-            elif kind == "output":
-                stage = "measuring"
-                log(f"measuring: repeat {repeat} x number {number}"
-                    + (" (emulated board: timings meaningless for speed)" if emulated else ""))
-            elif kind == "times":
-                res.times_ms.extend(ev["ms"])
-                stage = f"measuring ({len(res.times_ms)} of {repeat} done)"
-            elif kind == "done":
-                res.complete = True
-                final = True
-                break
-            elif kind == "error":
-                final = True
-                msg = explain(ev["message"])
-                if ev.get("user"):
-                    raise RemoteError(msg, res)
-                if stage.startswith("measuring"):
-                    where = f"during measurement {len(res.times_ms) + 1} of {repeat}"
-                else:
-                    where = f"while {stage}"
-                raise RemoteError(f"board '{key}' failed {where}: {msg}", res)
-    except RemoteError as exc:
-        res.error = str(exc)
-        exc.partial = res
-        raise
+        for i in range(n):
+            res = BenchResult(library=os.path.abspath(library), mode="remote", repeat=repeat,
+                              number=number, tracker=f"{th}:{tp}", key=key, emulated=emulated)
+            params = {"tracker": [th, tp], "key": key, "deadline": t_start + timeout,
+                      "session_timeout": session_timeout, "library": os.path.abspath(library),
+                      "repeat": repeat, "number": number, "seed": seed,
+                      "output_file": os.path.join(tempfile.mkdtemp(prefix="dsconv-bench-"), "output.npz"),
+                      "reference": os.path.abspath(reference) if reference else None,
+                      "reference_name": reference, "auto_reference": auto_reference, "check": check, "machine": machine,
+                      "chunk_seconds": max(0.2, min(2.0, timeout / 5.0)),
+                      "hold": timeout + 30.0 if n > 1 else 0}
+            runs.append(BoardRun(params, res, events, i, timeout, log,
+                                 f"board {i + 1} of {n}: " if n > 1 else ""))
+        supervise(runs, events)
     except BaseException:
-        res.error = "interrupted"
+        for r in runs:
+            r.res.error = r.res.error or "interrupted"
         raise
     finally:
-        worker.stop(grace=10.0 if final else 0.0)
-        x = y = ref = None
-        if os.path.exists(out_file):
-            try:
-                with np.load(out_file) as z:
-                    x, y = z["x"], z["y"]
-                    ref = z["ref"] if "ref" in z.files else None
-            except Exception:  # noqa: BLE001
-                x = y = ref = None
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        res.board_io = None if x is None else (x, y)
-        if output and x is not None:
-            write_npz(output, x, y)
+        for r in runs:
+            r.close(output)
+    for r in runs:
+        if r.error is None:
+            r.check()
+    return runs
 
-    if ref is not None:
-        what = ("board output vs a run of the same library here" if auto_reference
-                else f"board output vs host run of {reference}")
-        res.check = {**check_close(y, ref), "what": what, "reference": os.path.abspath(reference)}
-    elif x is not None:
-        why = ("--no-check" if not check else
-               f"{os.path.basename(library)} is an {machine} library; pass --reference HOST.so (the "
-               f"same model compiled for this host) to check the board's output")
-        res.check = {"skipped": why}
-    return res
 
+def bench_remote(library: str, tracker: str, key: str, repeat: int = 30, number: int = 5,
+                 timeout: float = 60.0, session_timeout: float = 0.0, emulated: bool | None = None,
+                 seed: int = 0, reference: str | None = None, output: str | None = None,
+                 check: bool = True, log=None) -> BenchResult:
+    """Time ``library`` on a board with ``key`` from ``tracker`` ("HOST:PORT").
+
+    ``timeout``: seconds to wait for the tracker, for a free board, and for each step on the
+    board (upload, load, run, each batch of measurements).  ``session_timeout``: the board ends
+    the session after that many seconds (0: no limit).  The board's output is compared with
+    ``reference`` (a host library of the same model; default: ``library`` itself when it is a host
+    library, unless ``check`` is False).  Raises :class:`RemoteError` (with the measurements made
+    so far in ``.partial``) when the tracker or the board fails."""
+    run = _bench_boards(library, tracker, key, 1, repeat, number, timeout, session_timeout, emulated,
+                        seed, reference, output, check, log)[0]
+    if run.error is not None:
+        raise run.error
+    return run.res
+
+
+def bench_all(library: str, tracker: str, key: str, repeat: int = 30, number: int = 5,
+              timeout: float = 60.0, session_timeout: float = 0.0, emulated: bool | None = None,
+              seed: int = 0, reference: str | None = None, check: bool = True,
+              log=None) -> list[BenchResult]:
+    """:func:`bench_remote` on every board registered with ``key``, all at once (each worker keeps
+    its board until every board is held, so that each board is timed once).  One result per board,
+    sorted by address; a board that failed has ``error`` set (and the measurements made before)."""
+    runs = _bench_boards(library, tracker, key, None, repeat, number, timeout, session_timeout,
+                         emulated, seed, reference, None, check, log)
+    return sorted((r.res for r in runs), key=lambda r: (r.board is None, r.board or ""))
 
 def write_npz(path: str, x: np.ndarray, y: np.ndarray) -> None:
     atomic_write(path, lambda f: np.savez(f, input=x, output=y))
+
+
+def fleet_json(results: list[BenchResult]) -> dict:
+    """``bench --all`` as JSON: the per-board results and whether every board completed and agreed."""
+    ok = [r.complete and r.error is None and not (r.check and r.check.get("ok") is False) for r in results]
+    first = results[0] if results else None
+    return {"mode": "fleet", "library": first and first.library, "tracker": first and first.tracker,
+            "key": first and first.key, "boards_total": len(results), "boards_ok": sum(ok),
+            "complete": all(ok), "boards": [r.to_json() for r in results]}
+
+
+def fleet_lines(results: list[BenchResult]) -> list[str]:
+    """``bench --all`` as a table: one row per board."""
+    first = results[0]
+    note = "  [EMULATED boards: timings are meaningless for speed]" if first.emulated else ""
+    shape = next((r.input_shape for r in results if r.input_shape is not None), None)
+    out = [f"boards    {len(results)} with key '{first.key}' via tracker {first.tracker}{note}",
+           f"library   {first.library} (input {'?' if shape is None else list(shape)})",
+           f"{'board':<22} {'median ms':>10} {'min ms':>10} {'max ms':>10} {'measured':>9}  check"]
+    for r in results:
+        s = r.stats()
+        cols = [f"{s[k]:>10.3f}" if s[k] is not None else f"{'-':>10}" for k in ("median_ms", "min_ms", "max_ms")]
+        c = r.check or {}
+        if r.error:
+            verdict = f"FAILED: {r.error}"
+        elif c.get("skipped"):
+            verdict = "skipped"
+        elif c:
+            verdict = f"{'OK' if c['ok'] else 'MISMATCH'} (max |diff| {c['max_abs_diff']:.3g}, argmax " \
+                      f"{'same' if c['argmax_equal'] else 'DIFFERENT'})"
+        else:
+            verdict = "-"
+        out.append(f"{r.board or '?':<22} {' '.join(cols)} {f'{len(r.times_ms)}/{r.repeat}':>9}  {verdict}")
+    return out

@@ -145,8 +145,6 @@ def request_board(host: str, port: int, key: str, deadline: float):
     return str(board_host), int(board_port), str(matchkey)
 
 
-
-
 def board_free_count(summary: dict, key: str) -> int:
     """How many boards with ``key`` are free (registered and not in a session) in a summary."""
     info = summary.get("queue_info", {}).get(key) or {}
@@ -210,14 +208,3 @@ class SessionRef:
         self._sess = None
         gc.collect()
 
-
-def bounded_create_session(rpc_config):
-    """MetaSchedule's ``f_create_session`` with a bound: TVM's default asks the tracker with no
-    limit on the wait for a free board; this one gives up after the config's session timeout
-    (the candidate is then recorded as failed, and the tuner goes on)."""
-    from tvm import rpc
-
-    wait = float(rpc_config.session_timeout_sec or 60)
-    bhost, bport, matchkey = request_board(rpc_config.tracker_host, int(rpc_config.tracker_port),
-                                           rpc_config.tracker_key, time.time() + wait)
-    return rpc.connect(bhost, bport, matchkey, session_timeout=rpc_config.session_timeout_sec or 0)
