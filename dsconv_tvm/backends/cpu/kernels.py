@@ -6,11 +6,12 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
 2. ``bfp_m``  integer mantissas, channel-innermost ``[N, G, Hp, Wp, Bp]`` (padded: channels to
    ``Bp`` slots per block, pixels to the conv padding), stored as ``act_dtype`` with the offset of
    :func:`.layout.act_offset`;
-3. ``w_unpack`` 4-bit weights taken from the packed bytes as ``w + 8`` (one nibble: one ``and`` or
-   shift, one small tile at a time in the schedule: the packed bytes are what the .so holds)
+3. ``w_unpack`` 2- to 4-bit weights taken from the packed bytes as ``w + 2^(field-1)`` (one crumb or
+   nibble: a shift and an ``and``, one small tile at a time in the schedule: the packed bytes are
+   what the .so holds)
    ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4 only)
    ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap;
-4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale;
+4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 2^(field-1) * bfp_sum - corr) * xi * scale;
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
 The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.schedule`.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
 from ..common import bfp_stages, block_scaled_sum, epilogue, layer_primfunc
-from .layout import TAP, act_offset, slots, weight_shape
+from .layout import TAP, act_offset, field_bits, per_byte, slots, weight_dtype, weight_offset, weight_shape
 
 # MetaSchedule: the "dsconv" custom rule (schedule.py) schedules the whole function from the
 # dsconv_out block; every other block says "None" so the generic rules leave it alone
@@ -45,7 +46,8 @@ def dsconv_te(layer: DSConvLayer):
     z = act_offset(layer)
 
     x = te.placeholder((n, c, h, w), "float32", name="x")
-    wq = te.placeholder(weight_shape(layer), "uint8" if layer.packed else "int8", name="w_packed")
+    wq = te.placeholder(weight_shape(layer), weight_dtype(layer.bits), name="w_packed")
+    npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits)
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
     inputs = [x, wq, xi]
     corr = bias = residual = None
@@ -66,16 +68,22 @@ def dsconv_te(layer: DSConvLayer):
 
     bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
 
-    if layer.packed:
+    if npb == 2:
         def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
             byte = wq[gg, i, j, k4 // 2, o, t]
             return tirx.if_then_else(k4 % 2 == 0, byte & tirx.const(15, "uint8"),
                                      byte >> tirx.const(4, "uint8")).astype("int8")
+    elif npb > 2:
+        def _unpack(gg, i, j, k4, o, t):       # field k4 % npb of the byte: w + 2^(field-1)
+            byte = wq[gg, i, j, k4 // npb, o, t]
+            shift = (k4 % npb * field).astype("uint8")
+            return ((byte >> shift) & tirx.const((1 << field) - 1, "uint8")).astype("int8")
 
+    if npb > 1:
         wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
         rs = te.reduce_axis((0, bp), name="rs")
-        # sum of the stored mantissas of a block at a pixel: the dot product with w + 8 has
-        # 8 x this sum too much (subtracted with the constant correction below)
+        # sum of the stored mantissas of a block at a pixel: the dot product with w + offset has
+        # offset x this sum too much (subtracted with the constant correction below)
         bfp_sum = te.compute((n, g, hp, wpd),
                              lambda nn, gg, yy, xx: te.sum(bfp_m[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
                              name="bfp_sum", attrs=_OTHER)
@@ -94,7 +102,7 @@ def dsconv_te(layer: DSConvLayer):
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
         if bfp_sum is not None:
-            v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * 8
+            v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * w_off
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
