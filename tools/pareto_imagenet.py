@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,14 +68,15 @@ def agreement_stats(ref: np.ndarray, out: np.ndarray, src: np.ndarray, imnet: np
 
 
 def run_model(name: str, args, rows: list, save) -> None:
+    from sweep import ort_int8
+
     from dsconv_tvm.accuracy.adapt import adapt_model
     from dsconv_tvm.accuracy.mixed import allocate, choose_bits
     from dsconv_tvm.accuracy.probes import onnx_predict
     from dsconv_tvm.config import DSConvConfig
     from dsconv_tvm.driver.compile import compile_model
-    from dsconv_tvm.execute.runner import run_library
+    from dsconv_tvm.execute.runner import latency_ms, run_library
     from dsconv_tvm.frontend.onnx import load_onnx
-    from sweep import ort_int8
 
     model = str(ensure_model(name))
     in_name, shape = next(iter(load_onnx(model).input_shapes.items()))
@@ -84,12 +86,15 @@ def run_model(name: str, args, rows: list, save) -> None:
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {name}: {m}", flush=True)  # noqa: E731
     log(f"{len(x)} inputs, {len(calib)} calibration inputs")
 
+    libs = {}                                  # label -> .so kept for the latency comparison
+    work = tempfile.TemporaryDirectory(prefix="dsconv-pareto-")
+
     def measure(scheme, label, path, cfg, extra=None):
         t = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            so = os.path.join(tmp, "m.so")
-            comp = compile_model(path, "x86", so, cfg, {in_name: [10, *shape[1:]]}, check=False)
-            out = run_library(so, x)
+        so = os.path.join(work.name, f"{len(libs)}.so")
+        comp = compile_model(path, "x86", so, cfg, {in_name: [10, *shape[1:]]}, check=False)
+        out = run_library(so, x)
+        libs[label] = so
         fp32 = sum(la.fp32_bytes for la in comp.report.layers)
         dep = sum(la.deployed_bytes for la in comp.report.layers)
         bits = [la.bits for la in comp.report.converted]
@@ -105,8 +110,9 @@ def run_model(name: str, args, rows: list, save) -> None:
     for b in args.bits:
         measure("uniform", f"W{b}", model, base.replace(bits=b))
     t = time.time()
-    alloc = choose_bits(model, base, max(args.budgets), calib)
-    log(f"sensitivity of {len(alloc.layers)} layers at bits 2..8 in {time.time() - t:.0f} s")
+    # 3-bit weights cost a 4-bit nibble and 5/6-bit ones a byte on the CPU: only 2, 4, 8 can be chosen
+    alloc = choose_bits(model, base, max(args.budgets), calib, bits_options=(2, 4, 8))
+    log(f"sensitivity of {len(alloc.layers)} layers at bits 2/4/8 in {time.time() - t:.0f} s")
     mixed = {}
     for r in args.budgets:
         budget = int(math.floor(r * alloc.fp32_bytes))
@@ -118,7 +124,7 @@ def run_model(name: str, args, rows: list, save) -> None:
         mixed[r] = {c.name: int(b) for c, b in zip(alloc.layers, path)}
         measure("mixed", f"mixed {r}", model, base.replace(layer_bits=mixed[r]), {"budget": r})
     if not args.no_adapt:
-        for label, cfg, extra in ([("W4 adapted", base, {})] +
+        for label, cfg, extra in ([("W4 adapted", base, {})] * args.adapt_w4 +
                                   [(f"mixed {r} adapted", base.replace(layer_bits=mixed[r]), {"budget": r})
                                    for r in args.adapt_budgets if r in mixed]):
             with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +132,19 @@ def run_model(name: str, args, rows: list, save) -> None:
                 t = time.time()
                 adapt_model(model, calib, cfg, out)
                 measure("adapted", label, out, cfg, {**extra, "adapt_seconds": round(time.time() - t, 1)})
+    # latency (batch 10 as compiled, this loaded host): W4, the uniform ones and the mixed ones,
+    # interleaved rounds so that load from other processes hits them alike
+    times = {k: [] for k in libs if k.startswith(("W", "mixed")) and "adapted" not in k}
+    for _ in range(args.rounds):
+        for k in times:
+            times[k].append(latency_ms(libs[k], repeat=5, number=2)["median_ms"])
+    for row in rows:
+        if row["model"] == name and row["label"] in times:
+            row["latency_ms_batch10"] = statistics.median(times[row["label"]])
+            row["latency_vs_w4"] = row["latency_ms_batch10"] / statistics.median(times["W4"])
+    log("latency (median of round medians, batch 10): " +
+        ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in times.items()))
+    work.cleanup()
     with tempfile.TemporaryDirectory() as tmp:
         r = ort_int8(model, calib, x, None, tmp)
     fp32 = rows[-1]["fp32_bytes"]
@@ -142,12 +161,14 @@ def write_md(path: Path, rows: list) -> None:
              "600 inputs = 30 photos × (centre + 9 crops) × (as is, mirrored); ± one *cluster* standard error "
              "(30 photos; the binomial one in brackets); ImageNet-20 = the 400 inputs of the 20 ImageNet photos "
              "never used for calibration.", "",
-             "| model | scheme | bytes × fp32 | agreement ± cluster SE (binomial) | fp32 top-1 in top-5 | ImageNet-20 | bits |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | scheme | bytes × fp32 | agreement ± cluster SE (binomial) | fp32 top-1 in top-5 | ImageNet-20 "
+             "| latency vs W4 | bits |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         se = f" ± {r['se_cluster']:.3f} ({r['se_binomial']:.3f})" if "se_cluster" in r else f" ({r['se_binomial']:.3f})"
         lines.append(f"| {r['model']} | {r['label']} | {r['ratio']:.3f} | {r['agreement']:.3f}{se} | "
                      f"{r.get('fp32_in_top5', float('nan')):.3f} | {r.get('agreement_imagenet20', float('nan')):.3f} | "
+                     f"{r.get('latency_vs_w4', float('nan')):.3f} | "
                      f"{' '.join(f'W{b}×{n}' for b, n in r.get('bits_histogram', {}).items())} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -164,7 +185,8 @@ def plot(path: Path, rows: list) -> None:
             rs = sorted((r for r in rows if r["model"] == m and r["scheme"] == scheme), key=lambda r: r["ratio"])
             if rs:
                 ax.errorbar([r["ratio"] for r in rs], [r["agreement"] for r in rs],
-                            yerr=[r.get("se_cluster", r["se_binomial"]) for r in rs], fmt=style, label=scheme, capsize=3)
+                            yerr=[r.get("se_cluster", r["se_binomial"]) for r in rs], fmt=style, label=scheme,
+                            capsize=3)
                 for r in rs:
                     ax.annotate(r["label"], (r["ratio"], r["agreement"]), fontsize=7, xytext=(3, -9),
                                 textcoords="offset points")
@@ -183,7 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 4, 5, 8])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.15, 0.20, 0.25])
     ap.add_argument("--adapt-budgets", nargs="*", type=float, default=[0.20])
+    ap.add_argument("--adapt-w4", action="store_true", help="also adapt uniform W4")
     ap.add_argument("--no-adapt", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="latency rounds")
     ap.add_argument("--out", default=str(REPO / "results" / "pareto_imagenet"))
     args = ap.parse_args(argv)
     out = Path(args.out)
