@@ -107,7 +107,7 @@ def run_model(name: str, args, rows: list, save) -> None:
         log(f"{label}: {row['ratio']:.4f}x agreement {row['agreement']:.4f} ± {row['se_cluster']:.4f} (cluster) "
             f"ImageNet-20 {row['agreement_imagenet20']:.4f} bits {row['bits_histogram']} ({row['seconds']} s)")
 
-    for b in args.bits:
+    for b in [] if args.adapt_only else args.bits:
         measure("uniform", f"W{b}", model, base.replace(bits=b))
     t = time.time()
     # 3-bit weights cost a 4-bit nibble and 5/6-bit ones a byte on the CPU: only 2, 4, 8 can be chosen
@@ -122,7 +122,8 @@ def run_model(name: str, args, rows: list, save) -> None:
             log(f"budget {r}: below the smallest deployable bytes")
             continue
         mixed[r] = {c.name: int(b) for c, b in zip(alloc.layers, path)}
-        measure("mixed", f"mixed {r}", model, base.replace(layer_bits=mixed[r]), {"budget": r})
+        if not args.adapt_only:
+            measure("mixed", f"mixed {r}", model, base.replace(layer_bits=mixed[r]), {"budget": r})
     if not args.no_adapt:
         for label, cfg, extra in ([("W4 adapted", base, {})] * args.adapt_w4 +
                                   [(f"mixed {r} adapted", base.replace(layer_bits=mixed[r]), {"budget": r})
@@ -132,6 +133,9 @@ def run_model(name: str, args, rows: list, save) -> None:
                 t = time.time()
                 adapt_model(model, calib, cfg, out)
                 measure("adapted", label, out, cfg, {**extra, "adapt_seconds": round(time.time() - t, 1)})
+    if args.adapt_only:
+        work.cleanup()
+        return
     # latency (batch 10 as compiled, this loaded host): W4, the uniform ones and the mixed ones,
     # interleaved rounds so that load from other processes hits them alike
     times = {k: [] for k in libs if k.startswith(("W", "mixed")) and "adapted" not in k}
@@ -207,12 +211,18 @@ def main(argv=None) -> int:
     ap.add_argument("--adapt-budgets", nargs="*", type=float, default=[0.20])
     ap.add_argument("--adapt-w4", action="store_true", help="also adapt uniform W4")
     ap.add_argument("--no-adapt", action="store_true")
+    ap.add_argument("--adapt-only", action="store_true",
+                    help="only the adapted mixed rows of --adapt-budgets, added to the existing results")
     ap.add_argument("--rounds", type=int, default=3, help="latency rounds")
     ap.add_argument("--out", default=str(REPO / "results" / "pareto_imagenet"))
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = json.loads(Path(str(out) + ".json").read_text())["rows"] if Path(str(out) + ".json").exists() else []
-    rows = [r for r in rows if r["model"] not in args.models]
+    if args.adapt_only:            # keep the model's other rows; replace the adapted ones measured again
+        redo = {f"mixed {r} adapted" for r in args.adapt_budgets}
+        rows = [r for r in rows if r["model"] not in args.models or r["label"] not in redo]
+    else:
+        rows = [r for r in rows if r["model"] not in args.models]
 
     def save():
         Path(str(out) + ".json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
