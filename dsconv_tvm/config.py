@@ -23,7 +23,8 @@ Defaults (documented in README.md):
 * ``skip``: layer names (ONNX node names or weight initializer names) that stay fp32.
 * ``layer_bits``: per-layer weight bits ``{layer name: bits}`` overriding ``bits`` for those layers
   (mixed precision: what ``--bits auto`` chooses, :mod:`dsconv_tvm.accuracy.mixed`); each layer's
-  packed format follows its own bits (<= 4: two per byte, else one byte each).
+  packed format follows its own bits (the backend's layout: on CPUs 2-bit weights four per byte,
+  3-/4-bit two per byte, wider ones one byte each; on CUDA <= 4 bits two per byte).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class DSConvLayer:
 
     @property
     def packed(self) -> bool:
-        """Two weights per byte (b <= 4); otherwise one byte per weight."""
+        """Nibble-packed (b <= 4) in the CUDA layout; the CPU layout has its own fields per byte
+        (``backends.cpu.layout.per_byte``: 2-bit weights four per byte)."""
         return self.bits <= 4
 
     @property
