@@ -108,6 +108,7 @@ TENSORIZED = [
     ((1, 40, 7, 7), 16, (3, 3), (2, 2), (1, 1, 1, 1), 2, 32, False, "uint8", False),   # partial block
     ((1, 48, 6, 6), 16, (1, 1), (1, 1), (0, 0, 0, 0), 2, 8, True, "uint8", False),     # B=8 < 16 slots
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, "int8", False),
+    ((1, 64, 7, 7), 24, (1, 1), (1, 1), (0, 0, 0, 0), 8, 32, True, "uint8", True),     # 8-bit, 24 = 3 x 8
 ]
 
 
@@ -119,6 +120,9 @@ def test_narrower_intrinsic_when_the_wide_one_does_not_divide_the_channels():
         assert dot_intrin(func, get_target(name).tvm_target()).isa == "avx2"
     wide = DSConvLayer((1, 256, 1, 1), 1008, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "none")
     assert dot_intrin(dsconv_primfunc(wide), get_target("x86-vnni").tvm_target()).isa == "vnni"
+    w8 = DSConvLayer((1, 96, 8, 8), 24, (1, 1), ConvGeometry(), 8, 32, 8, True, "float32", True, "none")
+    assert dot_intrin(dsconv_primfunc(w8), get_target("x86-vnni").tvm_target()).isa == "vnni256"
+    assert re.search(r"\bvpdpbusd\s+%ymm", _asm("x86-vnni", w8))      # not the plain vector schedule
     arm = DSConvLayer((1, 256, 1, 1), 1000, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "none", "int8")
     assert dot_intrin(dsconv_primfunc(arm), get_target("rpi5").tvm_target()).isa == "sdot"
 
