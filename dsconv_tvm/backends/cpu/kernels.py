@@ -18,8 +18,9 @@ The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.sche
 
 from __future__ import annotations
 
+from ...scheme.geometry import ConvGeometry
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
-from ..common import bfp_stages, block_scaled_sum, epilogue, layer_primfunc
+from ..common import bfp_stages, block_scaled_sum, clamp_index, epilogue, in_image, layer_primfunc
 from .layout import TAP, act_offset, slots, weight_shape
 
 # MetaSchedule: the "dsconv" custom rule (schedule.py) schedules the whole function from the
@@ -28,7 +29,13 @@ _OTHER = {"schedule_rule": "None"}
 
 
 def dsconv_te(layer: DSConvLayer):
-    """TE tensors of one DSConv layer: returns (inputs, output) for ``te.create_prim_func``."""
+    """TE tensors of one DSConv layer: returns (inputs, outputs) for ``te.create_prim_func``.
+
+    Inputs: the float input ``x`` [N, C, H, W], or (``layer.bfp_input``) its BFP form as the
+    producer layer wrote it: stored mantissas ``[N, G, H, W, Bp]``, exponents ``[N, G, H, W]`` and
+    (4-bit weights) the mantissa sums ``[N, G, H, W]``; then the constants and the residual.
+    Outputs: the float output (unless ``layer.fp32_output`` is off) and, for
+    ``layer.bfp_output``, the consumers' BFP input in that layout (:func:`quantized_output`)."""
     from tvm import te, tirx
 
     if layer.act_dtype not in ACT_DTYPES:
@@ -38,16 +45,26 @@ def dsconv_te(layer: DSConvLayer):
     kh, kw = layer.kernel
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation
-    pt, pl, pb, pr = layer.geom.padding
     bp, g = slots(layer), layer.groups
     _, _, oh, ow = layer.out_shape
-    hp, wpd = h + pt + pb, w + pl + pr
     z = act_offset(layer)
 
-    x = te.placeholder((n, c, h, w), "float32", name="x")
+    if layer.bfp_input:
+        inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
+                  te.placeholder((n, g, h, w), "int32", name="x_exp")]
+        if layer.packed:
+            inputs.append(te.placeholder((n, g, h, w), "int32", name="x_sum"))
+        bfp = bfp_stages(None, layer, _OTHER, exponents=inputs[1])
+        bfp_m, bfp_sum = padded_bfp_input(layer, inputs[0], inputs[2] if layer.packed else None)
+    else:
+        x = te.placeholder((n, c, h, w), "float32", name="x")
+        inputs = [x]
+        bfp = bfp_stages(x, layer, _OTHER)
+        bfp_m = stored_mantissas(bfp, layer, "bfp_m")
+        bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if layer.packed else None
     wq = te.placeholder(weight_shape(layer), "uint8" if layer.packed else "int8", name="w_packed")
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
-    inputs = [x, wq, xi]
+    inputs += [wq, xi]
     corr = bias = residual = None
     if z:
         corr = te.placeholder((g, kh, kw, co), "int32", name="corr")
@@ -59,13 +76,6 @@ def dsconv_te(layer: DSConvLayer):
         residual = te.placeholder(layer.out_shape, "float32", name="residual")
         inputs.append(residual)
 
-    bfp = bfp_stages(x, layer, _OTHER)
-
-    def _mantissa(nn, gg, yy, xx, k):
-        return (bfp.mantissa(nn, gg, k, yy, xx) + float(z)).astype(layer.act_dtype)
-
-    bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
-
     if layer.packed:
         def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
             byte = wq[gg, i, j, k4 // 2, o, t]
@@ -73,15 +83,8 @@ def dsconv_te(layer: DSConvLayer):
                                      byte >> tirx.const(4, "uint8")).astype("int8")
 
         wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
-        rs = te.reduce_axis((0, bp), name="rs")
-        # sum of the stored mantissas of a block at a pixel: the dot product with w + 8 has
-        # 8 x this sum too much (subtracted with the constant correction below)
-        bfp_sum = te.compute((n, g, hp, wpd),
-                             lambda nn, gg, yy, xx: te.sum(bfp_m[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
-                             name="bfp_sum", attrs=_OTHER)
     else:
         wu = wq
-        bfp_sum = None
 
     rk = te.reduce_axis((0, bp), name="rk")
     acc = te.compute(
@@ -94,17 +97,91 @@ def dsconv_te(layer: DSConvLayer):
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
         if bfp_sum is not None:
+            # the dot product with w + 8 has 8 x the block's mantissa sum too much (subtracted
+            # with the constant correction)
             v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * 8
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
-    return inputs, epilogue(layer, out, bias, residual, attrs=_OTHER)
+    y = epilogue(layer, out, bias, residual, attrs=_OTHER)
+    if layer.bfp_output is None:
+        return inputs, [y]
+    return inputs, ([y] if layer.fp32_output else []) + quantized_output(layer, y)
+
+
+def stored_mantissas(bfp, layer: DSConvLayer, name: str):
+    """``[N, G, Hp, Wp, Bp]`` the mantissas of ``layer``'s input as stored (``act_dtype``, offset
+    :func:`.layout.act_offset`, padded: channels to ``Bp`` slots, pixels to the conv padding)."""
+    from tvm import te
+
+    n, _, h, w = layer.in_shape
+    pt, pl, pb, pr = layer.geom.padding
+    z = float(act_offset(layer))
+    return te.compute((n, layer.groups, h + pt + pb, w + pl + pr, slots(layer)),
+                      lambda nn, gg, yy, xx, k: (bfp.mantissa(nn, gg, k, yy, xx) + z).astype(layer.act_dtype),
+                      name=name, attrs=_OTHER)
+
+
+def mantissa_sums(mant, name: str):
+    """Per pixel and block, the sum of the stored mantissas ``mant`` [N, G, H, W, Bp] (int32)."""
+    from tvm import te
+
+    rs = te.reduce_axis((0, int(mant.shape[-1])), name="rs")
+    return te.compute(tuple(mant.shape[:-1]),
+                      lambda nn, gg, yy, xx: te.sum(mant[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
+                      name=name, attrs=_OTHER)
+
+
+def padded_bfp_input(layer: DSConvLayer, mant, sums):
+    """The stored mantissas and sums of a BFP input, with the conv's padding (the stored zero
+    mantissa ``z`` there; its scale is 0): the tensors themselves when the layer has none."""
+    from tvm import te, tirx
+
+    if not any(layer.geom.padding):
+        return mant, sums
+    n, _, h, w = layer.in_shape
+    pt, pl, pb, pr = layer.geom.padding
+    z, bp = act_offset(layer), slots(layer)
+
+    def _at(t, nn, gg, yy, xx, *k):
+        return t[(nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w), *k)]
+
+    shape = (n, layer.groups, h + pt + pb, w + pl + pr)
+    bfp_m = te.compute((*shape, bp), lambda nn, gg, yy, xx, k: tirx.if_then_else(
+        in_image(layer, yy, xx), _at(mant, nn, gg, yy, xx, k), tirx.const(z, layer.act_dtype)),
+        name="bfp_m", attrs=_OTHER)
+    if sums is None:
+        return bfp_m, None
+    bfp_sum = te.compute(shape, lambda nn, gg, yy, xx: tirx.if_then_else(
+        in_image(layer, yy, xx), _at(sums, nn, gg, yy, xx), tirx.const(bp * z, "int32")),
+        name="bfp_sum", attrs=_OTHER)
+    return bfp_m, bfp_sum
+
+
+def output_view(layer: DSConvLayer) -> DSConvLayer:
+    """The consumers' view of ``layer``'s output: an unpadded input of their BFP format (what
+    :func:`quantized_output` quantizes for)."""
+    fmt = layer.bfp_output
+    return DSConvLayer(layer.out_shape, layer.out_channels, (1, 1), ConvGeometry(), 4 if fmt.sums else 8,
+                       fmt.block, fmt.mantissa, fmt.unsigned, act_dtype=layer.act_dtype)
+
+
+def quantized_output(layer: DSConvLayer, y) -> list:
+    """The epilogue's output ``y`` quantized for the consumers (``layer.bfp_output``), with the
+    same stages as a layer quantizing its own input: stored mantissas ``next_m``
+    [N, G', OH, OW, Bp'], exponents ``next_bfp_e`` [N, G', OH, OW] and, when the consumers
+    need them, mantissa sums ``next_sum``."""
+    view = output_view(layer)
+    whole = view.in_shape[1] % view.block == 0 and slots(view) == view.block
+    stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole)
+    mant = stored_mantissas(stages, view, "next_m")
+    return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if view.packed else [])
 
 
 def dsconv_primfunc(layer: DSConvLayer):
     """The PrimFunc of one DSConv layer, unscheduled (:mod:`.schedule` schedules it)."""
-    inputs, y = dsconv_te(layer)
-    return layer_primfunc([*inputs, y], layer_description(layer))
+    inputs, outputs = dsconv_te(layer)
+    return layer_primfunc([*inputs, *outputs], layer_description(layer))
 
 
 def layer_description(layer: DSConvLayer) -> str:
@@ -114,4 +191,15 @@ def layer_description(layer: DSConvLayer) -> str:
             f"unsigned={int(layer.unsigned)} act={layer.act_dtype} in={list(layer.in_shape)} "
             f"out={list(layer.out_shape)} kernel={list(layer.kernel)} strides={list(layer.geom.strides)} "
             f"padding={list(layer.geom.padding)} dilation={list(layer.geom.dilation)} "
-            f"residual={int(layer.has_residual)}")
+            f"residual={int(layer.has_residual)}" + fused_bfp_description(layer))
+
+
+def fused_bfp_description(layer: DSConvLayer) -> str:
+    """The fused-BFP part of :func:`layer_description` (empty for a layer with float input and
+    output: their workloads, and the shipped records of them, are unchanged)."""
+    out = " bfp_in=1" if layer.bfp_input else ""
+    fmt = layer.bfp_output
+    if fmt is not None:
+        out += (f" bfp_out=block:{fmt.block},mantissa:{fmt.mantissa},unsigned:{int(fmt.unsigned)},"
+                f"sums:{int(fmt.sums)} fp32_out={int(layer.fp32_output)}")
+    return out

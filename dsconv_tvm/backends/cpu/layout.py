@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...scheme.bfp import mantissa_range
+from ...scheme.bfp import bfp_quantize, mantissa_range
 from ...scheme.layer import DSConvLayer
 from ..common import pack_scales, slot_weights
 
@@ -92,4 +92,21 @@ def layer_params(layer: DSConvLayer, q: np.ndarray, xi: np.ndarray,
         if bias is None:
             raise ValueError("layer has a bias but none was given")
         out.append(np.ascontiguousarray(np.asarray(bias, np.float32).reshape(layer.out_channels)))
+    return out
+
+
+def bfp_input_arrays(x: np.ndarray, layer: DSConvLayer) -> list[np.ndarray]:
+    """numpy: the BFP form of ``layer``'s float input ``x`` [N, C, H, W] as a layer with
+    ``bfp_input`` reads it (and a producer with ``bfp_output`` writes it): stored mantissas
+    ``[N, G, H, W, Bp]`` (``act_dtype``, offset ``z``, ``z`` in the empty slots), exponents
+    ``[N, G, H, W]`` int32 and, for 4-bit weights, the sums of the stored mantissas."""
+    n, _, h, w = x.shape
+    g, bsz, bp = layer.groups, layer.block, slots(layer)
+    m, e = bfp_quantize(x, bsz, layer.mantissa, layer.unsigned)          # N, G*B, H, W
+    stored = np.zeros((n, g, h, w, bp), np.int64)
+    stored[..., :bsz] = m.reshape(n, g, bsz, h, w).transpose(0, 1, 3, 4, 2)
+    stored += act_offset(layer)
+    out = [stored.astype(layer.act_dtype), e.astype(np.int32)]
+    if layer.packed:
+        out.append(stored.sum(axis=-1).astype(np.int32))
     return out
