@@ -26,6 +26,8 @@ class Backend:
     kind = ""
     #: whether its DSConv kernels can fuse a residual add into their epilogue
     fuses_residual = False
+    #: whether its DSConv kernels can write the next layers' BFP input and read it (fused BFP)
+    fuses_bfp = False
 
     def __init__(self, target):
         self.target = target

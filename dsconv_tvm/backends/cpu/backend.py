@@ -18,6 +18,7 @@ from .layout import layer_params
 class CPUBackend(Backend):
     kind = "llvm"
     fuses_residual = True
+    fuses_bfp = True
 
     # -- targets --------------------------------------------------------------------------------
     @classmethod

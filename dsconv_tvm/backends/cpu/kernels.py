@@ -106,7 +106,10 @@ def dsconv_te(layer: DSConvLayer):
     y = epilogue(layer, out, bias, residual, attrs=_OTHER)
     if layer.bfp_output is None:
         return inputs, [y]
-    return inputs, ([y] if layer.fp32_output else []) + quantized_output(layer, y)
+    fp32 = []
+    if layer.fp32_output:          # a copy of the epilogue's tile (the schedule keeps that one in L1)
+        fp32 = [te.compute(layer.out_shape, lambda *i: y(*i), name="dsconv_fp32", attrs=_OTHER)]
+    return inputs, fp32 + quantized_output(layer, y)
 
 
 def stored_mantissas(bfp, layer: DSConvLayer, name: str):

@@ -179,11 +179,12 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     sch.vectorize(oi)
     sch.unroll(qi)
     sch.reverse_compute_at(epi_blk, oo if fused else qo, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(epi_blk)[-1])
     if fused:
         _quantize_tile(sch, qo)
-    elif b2 is not None:
-        _quantize_rows(sch, "next_")
+    else:
+        sch.vectorize(sch.get_loops(epi_blk)[-1])
+        if b2 is not None:
+            _quantize_rows(sch, "next_")
     init = sch.decompose_reduction(acc_blk, kb)
     if not sample:                       # (its loop count varies with the sampled tile)
         sch.vectorize(sch.get_loops(init)[-1])
@@ -226,23 +227,54 @@ def _quantize_tile(sch: s_tir.Schedule, qo) -> None:
     of these pixels have just been written by the epilogue (a few KB, in L1), so the block max,
     exponents, mantissas (channel-innermost) and their sums are computed from there; the float
     tile is never written to memory unless the float output is kept too."""
-    amax = sch.get_sblock("next_amax")
-    sch.reverse_compute_at(amax, qo, preserve_unit_loops=True)
-    x1, r1 = sch.get_loops(amax)[-2:]
-    sch.reorder(r1, x1)
-    init = sch.decompose_reduction(amax, r1)
-    sch.vectorize(sch.get_loops(init)[-1])
+    # the float tile channel-innermost, as the register tile holds it (vectors of output
+    # channels) and as the mantissas are stored: contiguous vector writes and reads
+    epi = sch.get_sblock("dsconv_epilogue")
+    for blk in (sch.get_sblock("dsconv_out"), epi):
+        sch.transform_layout(blk, ("write", 0), lambda n, o, p, q: (n, p, q, o))
+    e_o, e_p, e_q = sch.get_loops(epi)[-3:]
+    sch.reorder(e_p, e_q, e_o)
+    sch.vectorize(e_o)
+    _vector_reduce(sch, sch.get_sblock("next_amax"), qo)
+    fp32 = get_block(sch, "dsconv_fp32")
+    if fp32 is not None:             # the float output too (NCHW): from the tile
+        sch.reverse_compute_at(fp32, qo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(fp32)[-1])
     for name in ("next_bfp_e", "next_m", "next_sum"):
         blk = get_block(sch, name)
         if blk is None:
             continue
-        sch.reverse_compute_at(blk, qo, preserve_unit_loops=True)
         if name == "next_sum":
-            sch.decompose_reduction(blk, sch.get_loops(blk)[-1])
+            _vector_reduce(sch, blk, qo)
         else:
+            sch.reverse_compute_at(blk, qo, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(blk)[-1])
 
 
+def _vector_reduce(sch: s_tir.Schedule, blk, loop, lanes: int = 16) -> None:
+    """A reduction over a contiguous innermost axis (a block's channels), computed under
+    ``loop``: ``lanes`` partial results updated with vector operations (rfactor), then reduced per
+    pixel."""
+    r = sch.get_loops(blk)[-1]
+    extent = int(sch.get(r).extent)
+    if extent % lanes or extent == lanes:
+        sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        sch.decompose_reduction(blk, sch.get_loops(blk)[-1])
+        return
+    _, r1 = sch.split(r, [None, lanes])
+    rank = len(sch.get(blk).writes[0].source.shape)
+    rf = sch.rfactor(r1, factor_axis=rank)          # [..., lanes] partial results
+    sch.reverse_compute_at(rf, loop, preserve_unit_loops=True)
+    lane, *_, pixel, part = sch.get_loops(rf)[-6:]       # (lanes, n, g, y, x, extent / lanes)
+    sch.reorder(pixel, part, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(rf, part)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+    lane, pixel = sch.get_loops(blk)[-5], sch.get_loops(blk)[-1]   # (lanes, n, g, y, x)
+    sch.vectorize(pixel)
+    init = sch.decompose_reduction(blk, lane)
+    sch.vectorize(sch.get_loops(init)[-1])
 def _quantize_rows(sch: s_tir.Schedule, prefix: str) -> None:
     """BFP stages (``prefix`` + amax, bfp_e, bfp_s; bfp_m, bfp_sum or next_m, next_sum) as
     separate passes, parallel over (image, block, row), vectorized along the row: the quantized

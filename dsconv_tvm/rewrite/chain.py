@@ -1,0 +1,72 @@
+"""Fused BFP between DSConv layers: which converted layers hand their output to the next ones in
+block floating point instead of float32.
+
+A layer (the producer) whose output is the input of converted layers (the consumers) writes, in
+its epilogue, the consumers' BFP input -- stored mantissas, block exponents and the per-pixel
+block sums of the 4-bit offset correction -- and the consumers read it instead of quantizing a
+float tensor in a separate pass.  Conditions: the backend has such kernels, every consumer reads
+the same BFP format (block, mantissa bits, signedness, sums), the producer's output channels are a
+whole number of those blocks (its schedule quantizes a pixel tile once all of a block's channels
+are done), and the producer is a conv (not a classifier run as a 1x1 conv).  The float output is
+still written when anything else uses it (a residual add, a pooling, the model's output, another
+consumer format).  A residual add and the activation are already in the producer's epilogue, so
+they are fused with the quantization too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class PlannedLayer:
+    """One converted layer as planned by the rewrite, before its PrimFunc is made."""
+
+    name: str
+    layer: object                 # its DSConvLayer (the fused-BFP fields set by chain_layers)
+    data: object                  # the Relax var of its input
+    consts: list                  # its constant arguments (relax constants)
+    residual: object = None       # the Relax var of its residual input, if any
+    dense: bool = False           # a classifier run as a 1x1 conv on the reshaped input
+    report: object = None         # its LayerReport
+    gv: object = None             # its PrimFunc's GlobalVar, once added
+    outputs: list | None = None   # the Relax types of its outputs (:meth:`out_sinfo`), once added
+
+    def out_sinfo(self, func) -> list:
+        """Relax tensor types of its outputs, read from its PrimFunc ``func``: the float output
+        and/or the consumers' BFP input (mantissas, exponents, [sums]) in the backend's layout."""
+        from tvm import relax
+
+        layer = self.layer
+        count = 1
+        if layer.bfp_output is not None:
+            count = int(layer.fp32_output) + 2 + int(layer.bfp_output.sums)
+        bufs = list(func.params)[-count:]            # buffer-typed params: shape, dtype
+        return [relax.TensorType([int(d) for d in b.shape], str(b.dtype)) for b in bufs]
+
+
+def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict) -> int:
+    """Set the fused-BFP fields of the planned layers (``plans``: (output var, plan) in binding
+    order; ``uses``: how often each var is used in the function).  Returns the number of chained
+    producers."""
+    consumers: dict = {}
+    for _, plan in plans:
+        if not plan.dense:
+            consumers.setdefault(plan.data, []).append(plan)
+    chained = 0
+    for end, plan in plans:
+        readers = consumers.get(end, [])
+        formats = {r.layer.in_format for r in readers}
+        if plan.dense or len(formats) != 1:
+            continue
+        fmt = formats.pop()
+        if plan.layer.out_channels % fmt.block:
+            continue
+        keep_fp32 = uses.get(end, 0) > len(readers)
+        plan.layer = dataclasses.replace(plan.layer, bfp_output=fmt, fp32_output=keep_fp32)
+        plan.report.bfp = (*plan.report.bfp, "out+fp32" if keep_fp32 else "out")
+        for reader in readers:
+            reader.layer = dataclasses.replace(reader.layer, bfp_input=True)
+            reader.report.bfp = ("in", *reader.report.bfp)
+        chained += 1
+    return chained
