@@ -9,8 +9,8 @@ the same BFP format (block, mantissa bits, signedness, sums), the producer's out
 whole number of those blocks (its schedule quantizes a pixel tile once all of a block's channels
 are done), and the producer is a conv (not a classifier run as a 1x1 conv).  The float output is
 still written when anything else uses it (a residual add, a pooling, the model's output, another
-consumer format).  A residual add and the activation are already in the producer's epilogue, so
-they are fused with the quantization too.
+consumer format): such a producer is not chained (see :func:`chain_layers`).  A residual add and
+the activation are in the producer's epilogue, so they are fused with the quantization too.
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ class PlannedLayer:
         return [relax.TensorType([int(d) for d in b.shape], str(b.dtype)) for b in bufs]
 
 
-def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict) -> int:
+def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict, with_fp32: bool = False) -> int:
     """Set the fused-BFP fields of the planned layers (``plans``: (output var, plan) in binding
-    order; ``uses``: how often each var is used in the function).  Returns the number of chained
-    producers."""
+    order; ``uses``: how often each var is used in the function).  ``with_fp32``: chain also
+    producers whose float output is used elsewhere too (they write both; off by default: measured
+    slower on ResNet-50, the float output written from the channel-innermost tile is a transpose,
+    e.g. 64->256 at 56x56 0.39 -> 0.77 ms, more than its consumer saves).  Returns the number of
+    chained producers."""
     consumers: dict = {}
     for _, plan in plans:
         if not plan.dense:
@@ -63,6 +66,8 @@ def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict) -> int:
         if plan.layer.out_channels % fmt.block:
             continue
         keep_fp32 = uses.get(end, 0) > len(readers)
+        if keep_fp32 and not with_fp32:
+            continue
         plan.layer = dataclasses.replace(plan.layer, bfp_output=fmt, fp32_output=keep_fp32)
         plan.report.bfp = (*plan.report.bfp, "out+fp32" if keep_fp32 else "out")
         for reader in readers:

@@ -131,7 +131,8 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # a BFP output: the register tiles of one output block's channels finish a pixel tile before
     # it is quantized (the block max needs all its channels), see _quantize_tile
     b2 = output_block(func)
-    fused = b2 is not None and int(sch.get(o_).extent) % b2 == 0
+    # (whole blocks without empty slots: see kernels.quantized_output)
+    fused = b2 is not None and int(sch.get(o_).extent) % b2 == 0 and b2 % (2 * TAP) == 0
     if fused:
         vls = [v for v in vls if b2 % v == 0] or [largest_divisor(b2, [vl, 16, 8, 4, 2])]
         vl = vl if b2 % vl == 0 else vls[0]

@@ -14,6 +14,7 @@ import tvm
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import bfp_input_arrays, layer_params
 from dsconv_tvm.backends.cpu.schedule import schedule_dsconv_cpu
+from dsconv_tvm.remote.tracker import board_session
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.layer import BFPFormat, DSConvLayer
 from dsconv_tvm.scheme.reference import dsconv2d
@@ -32,6 +33,7 @@ PRODUCERS = [
     ((1, 32, 7, 7), 48, (3, 3), (2, 2), (1, 1, 1, 1), 4, 32, True, False, "relu", (16, 7, True)),
     ((1, 32, 6, 6), 40, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, False, "relu", (32, 8, True)),   # 40 % 32
     ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, True, False, "relu", (32, 8, False)),  # int8, no sums
+    ((1, 16, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 16, True, False, "none", (4, 6, False)),   # 4 < 8 slots
 ]
 
 
@@ -69,13 +71,20 @@ def output_shapes(layer: DSConvLayer):
     return outs + [(a.shape, str(a.dtype)) for a in arrays]
 
 
-def run_local(layer: DSConvLayer, inputs, target=HOST):
+def compiled(layer: DSConvLayer, target):
     func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
-    ex = tvm.compile(schedule_dsconv_cpu(func, target).mod, target)
-    outs = [tvm.runtime.tensor(np.zeros(s, d)) for s, d in output_shapes(layer)] if layer.bfp_output else \
-        [tvm.runtime.tensor(np.zeros(layer.out_shape, np.float32))]
-    ex(*[tvm.runtime.tensor(a) for a in inputs], *outs)
+    return tvm.compile(schedule_dsconv_cpu(func, target).mod, target)
+
+
+def call(fn, layer: DSConvLayer, inputs, dev=None):
+    shapes = output_shapes(layer) if layer.bfp_output else [(layer.out_shape, "float32")]
+    outs = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in shapes]
+    fn(*[tvm.runtime.tensor(a, dev) for a in inputs], *outs)
     return [o.numpy() for o in outs]
+
+
+def run_local(layer: DSConvLayer, inputs, target=HOST):
+    return call(compiled(layer, target), layer, inputs)
 
 
 def reference_output(layer, x, qw, bias, res):
@@ -136,3 +145,54 @@ def test_consumer_of_bfp_input_equals_the_float_input_kernel(case, target):
     np.testing.assert_array_equal(y_bfp, y_float)           # the same integers, the same float order
     ref = reference_output(layer, x, qw, bias, resid)
     np.testing.assert_allclose(y_bfp, ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()) + 1e-6)
+
+
+@pytest.mark.parametrize("target_name", ["rpi4", "rpi5"])
+def test_fused_bfp_on_emulated_arm_board(emulated_board, tmp_path, target_name):
+    """The same checks on the emulated Raspberry Pi (int8 mantissa storage, NEON / sdot kernels)."""
+    spec = get_target(target_name)
+    target = spec.tvm_target()
+    with board_session(emulated_board.tracker, emulated_board.key, timeout=120, session_timeout=600) as remote:
+        _run_on_board(remote, spec, target, tmp_path)
+
+
+def _run_on_board(remote, spec, target, tmp_path):
+    """Every remote object lives in this frame only: gone when it returns."""
+    dev = remote.cpu()
+    count = iter(range(100))
+
+    def run(layer, inputs):
+        path = tmp_path / f"layer{next(count)}.so"
+        spec.export_library(compiled(layer, target), str(path))
+        remote.upload(str(path))
+        return call(remote.load_module(path.name)["main"], layer, inputs, dev)
+
+    for case in (PRODUCERS[0], PRODUCERS[1], PRODUCERS[2], PRODUCERS[5]):
+        layer = producer_layer(case, "int8")
+        x, qw, bias, consts, res = layer_args(layer, seed=sum(case[0]) + case[1])
+        inputs = [x, *consts] + ([res] if res is not None else [])
+        bfp_only = run(dataclasses.replace(layer, fp32_output=False), inputs)
+        check_producer(layer, run(layer, inputs), x, qw, bias, res, bfp_only)
+    for in_shape, co, k, s, p, bits, block, uns, res in CONSUMERS[:4]:
+        layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
+                            "int8", res)
+        x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
+        tail = [*consts] + ([resid] if resid is not None else [])
+        (y_float,) = run(layer, [x, *tail])
+        (y_bfp,) = run(dataclasses.replace(layer, bfp_input=True), [*bfp_input_arrays(x, layer), *tail])
+        np.testing.assert_array_equal(y_bfp, y_float)
+
+
+def test_metaschedule_space_of_fused_layers_builds_and_matches():
+    """The tuning template (register tile sampled) on a producer and a consumer: a sampled
+    schedule builds and gives the same integers."""
+    from tvm import s_tir
+
+    case = PRODUCERS[0]
+    layer = dataclasses.replace(producer_layer(case), fp32_output=False, bfp_input=True)
+    base = dataclasses.replace(layer, bfp_input=False, bfp_output=None)
+    x, qw, bias, consts, res = layer_args(base, seed=3)
+    func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
+    sch = schedule_dsconv_cpu(func, HOST, sch=s_tir.Schedule(func, seed=1), sample=True)
+    outs = call(tvm.compile(sch.mod, HOST), layer, [*bfp_input_arrays(x, base), *consts])
+    np.testing.assert_array_equal(outs[0], run_local(layer, [*bfp_input_arrays(x, base), *consts])[0])
