@@ -55,13 +55,15 @@ def dsconv_te(layer: DSConvLayer):
         if layer.packed:
             inputs.append(te.placeholder((n, g, h, w), "int32", name="x_sum"))
         bfp = bfp_stages(None, layer, _OTHER, exponents=inputs[1])
-        bfp_m, bfp_sum = padded_bfp_input(layer, inputs[0], inputs[2] if layer.packed else None)
+        mant_at, sum_at = padded_bfp_input(layer, inputs[0], inputs[2] if layer.packed else None)
     else:
         x = te.placeholder((n, c, h, w), "float32", name="x")
         inputs = [x]
         bfp = bfp_stages(x, layer, _OTHER)
         bfp_m = stored_mantissas(bfp, layer, "bfp_m")
         bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if layer.packed else None
+        mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
+        sum_at = (lambda *i: bfp_sum[i]) if bfp_sum is not None else None  # noqa: E731
     wq = te.placeholder(weight_shape(layer), "uint8" if layer.packed else "int8", name="w_packed")
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
     inputs += [wq, xi]
@@ -90,16 +92,16 @@ def dsconv_te(layer: DSConvLayer):
     acc = te.compute(
         (n, g, kh, kw, oh, ow, co),
         lambda nn, gg, i, j, p, q, o: te.sum(
-            bfp_m[nn, gg, p * sh + i * dh, q * sw + j * dw, rk].astype("int32")
+            mant_at(nn, gg, p * sh + i * dh, q * sw + j * dw, rk).astype("int32")
             * wu[gg, i, j, rk // TAP, o, rk % TAP].astype("int32"), axis=rk),
         name="dsconv_acc", attrs=_OTHER)
 
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
-        if bfp_sum is not None:
+        if sum_at is not None:
             # the dot product with w + 8 has 8 x the block's mantissa sum too much (subtracted
             # with the constant correction)
-            v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * 8
+            v = v - sum_at(nn, gg, p * sh + i * dh, q * sw + j * dw) * 8
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
@@ -136,29 +138,24 @@ def mantissa_sums(mant, name: str):
 
 
 def padded_bfp_input(layer: DSConvLayer, mant, sums):
-    """The stored mantissas and sums of a BFP input, with the conv's padding (the stored zero
-    mantissa ``z`` there; its scale is 0): the tensors themselves when the layer has none."""
-    from tvm import te, tirx
+    """Readers ``(n, g, y, x, k) -> stored mantissa`` and ``(n, g, y, x) -> sum`` of a BFP input at
+    padded positions, read in place (no padded copy): outside the image they read the nearest
+    pixel (the index clamped, so speculated vector loads stay inside) and the sum ``Bp * z``;
+    that block's scale is 0 there (``bfp_s``), so the term is 0 whatever the integers are."""
+    from tvm import tirx
 
-    if not any(layer.geom.padding):
-        return mant, sums
-    n, _, h, w = layer.in_shape
-    pt, pl, pb, pr = layer.geom.padding
+    _, _, h, w = layer.in_shape
+    pt, pl, _, _ = layer.geom.padding
     z, bp = act_offset(layer), slots(layer)
 
-    def _at(t, nn, gg, yy, xx, *k):
-        return t[(nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w), *k)]
+    def _mant_at(nn, gg, yy, xx, k):
+        return mant[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w), k]
 
-    shape = (n, layer.groups, h + pt + pb, w + pl + pr)
-    bfp_m = te.compute((*shape, bp), lambda nn, gg, yy, xx, k: tirx.if_then_else(
-        in_image(layer, yy, xx), _at(mant, nn, gg, yy, xx, k), tirx.const(z, layer.act_dtype)),
-        name="bfp_m", attrs=_OTHER)
-    if sums is None:
-        return bfp_m, None
-    bfp_sum = te.compute(shape, lambda nn, gg, yy, xx: tirx.if_then_else(
-        in_image(layer, yy, xx), _at(sums, nn, gg, yy, xx), tirx.const(bp * z, "int32")),
-        name="bfp_sum", attrs=_OTHER)
-    return bfp_m, bfp_sum
+    def _sum_at(nn, gg, yy, xx):
+        v = sums[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w)]
+        return tirx.if_then_else(in_image(layer, yy, xx), v, tirx.const(bp * z, "int32"))
+
+    return _mant_at, _sum_at if sums is not None else None
 
 
 def output_view(layer: DSConvLayer) -> DSConvLayer:
