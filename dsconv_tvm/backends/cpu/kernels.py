@@ -13,6 +13,12 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
 4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale;
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
+Fused BFP between layers (``layer.bfp_input`` / ``layer.bfp_output``, see docs/kernels.md): a
+consumer takes the stored mantissas, exponents and sums instead of ``x`` (stages 1-2 reduce to
+``bfp_s``); a producer quantizes its epilogue's output for its consumers with the same stages
+(``next_amax``, ``next_bfp_e``, ``next_m``, ``next_sum``) and writes those instead of (or, with
+``layer.fp32_output``, besides a copy ``dsconv_fp32`` of) the float output.
+
 The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.schedule`.
 """
 
