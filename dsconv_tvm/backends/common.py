@@ -194,8 +194,8 @@ def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
 
 
 def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
-    """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape), then the
-    activation."""
+    """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape, or a function
+    ``(n, co, p, q) -> value`` reading another layout), then the activation."""
     from tvm import te, tirx
 
     if layer.activation not in ACTIVATIONS:
@@ -207,7 +207,7 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
         if bias is not None:
             v = v + bias[o]
         if residual is not None:
-            v = v + residual[nn, o, p, q]
+            v = v + (residual(nn, o, p, q) if callable(residual) else residual[nn, o, p, q])
         if layer.activation == "relu":
             v = tirx.max(v, zero)
         return v

@@ -68,10 +68,43 @@ def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict, with_fp32
         keep_fp32 = uses.get(end, 0) > len(readers)
         if keep_fp32 and not with_fp32:
             continue
-        plan.layer = dataclasses.replace(plan.layer, bfp_output=fmt, fp32_output=keep_fp32)
-        plan.report.bfp = (*plan.report.bfp, "out+fp32" if keep_fp32 else "out")
-        for reader in readers:
-            reader.layer = dataclasses.replace(reader.layer, bfp_input=True)
-            reader.report.bfp = ("in", *reader.report.bfp)
+        _chain(plan, readers, fmt, keep_fp32)
+        chained += 1
+    return chained + _chain_residual_streams(plans, uses, consumers)
+
+
+def _chain(plan: PlannedLayer, readers: list, fmt, keep_fp32: bool, nhwc: bool = False) -> None:
+    plan.layer = dataclasses.replace(plan.layer, bfp_output=fmt, fp32_output=keep_fp32, fp32_nhwc=nhwc)
+    plan.report.bfp = (*plan.report.bfp, ("out+fp32-nhwc" if nhwc else "out+fp32") if keep_fp32 else "out")
+    for reader in readers:
+        reader.layer = dataclasses.replace(reader.layer, bfp_input=True)
+        reader.report.bfp = ("in", *reader.report.bfp)
+
+
+def _chain_residual_streams(plans, uses: dict, consumers: dict) -> int:
+    """Producers whose float output is read, besides their consumers, only as the residual of
+    chained producers (a ResNet bottleneck's output: the next bottleneck's first conv and its
+    residual add): chained too, the float output written channel-innermost ([N, H, W, C]) from the
+    producer's tile and read so by the residual adds (their epilogue tile is channel-innermost):
+    no transpose on either side.  Decided from the last layer back (a residual reader must be
+    chained before its producer is)."""
+    residual_readers: dict = {}
+    for _, plan in plans:
+        if plan.residual is not None:
+            residual_readers.setdefault(plan.residual, []).append(plan)
+    chained = 0
+    for end, plan in reversed(plans):
+        readers, adds = consumers.get(end, []), residual_readers.get(end, [])
+        formats = {r.layer.in_format for r in readers}
+        if plan.dense or plan.layer.bfp_output is not None or len(formats) != 1 or not adds or \
+                uses.get(end, 0) != len(readers) + len(adds) or \
+                any(a.layer.bfp_output is None for a in adds):
+            continue
+        fmt = formats.pop()
+        if plan.layer.out_channels % fmt.block:
+            continue
+        _chain(plan, readers, fmt, True, nhwc=True)
+        for add in adds:
+            add.layer = dataclasses.replace(add.layer, residual_nhwc=True)
         chained += 1
     return chained

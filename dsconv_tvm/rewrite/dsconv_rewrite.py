@@ -330,6 +330,7 @@ class _Replace(relax.PyExprMutator):
         self.plans = plans
         self.dropped = dropped
         self.bfp = {}          # producer's output var -> the vars of the BFP input it writes
+        self.nhwc = {}         # producer's output var -> its float output, channel-innermost
 
     def visit_var_binding_(self, binding):
         if binding.var in self.dropped:
@@ -347,7 +348,9 @@ class _Replace(relax.PyExprMutator):
             value = relax.op.reshape(y4, (n, layer.out_channels))
         else:
             head = self.bfp[plan.data] if layer.bfp_input else [self.visit_expr(plan.data)]
-            args = [*head, *plan.consts] + ([self.visit_expr(plan.residual)] if plan.residual is not None else [])
+            res = [] if plan.residual is None else \
+                [self.nhwc[plan.residual] if layer.residual_nhwc else self.visit_expr(plan.residual)]
+            args = [*head, *plan.consts, *res]
             outs = plan.outputs
             if len(outs) == 1:
                 value = relax.call_tir(plan.gv, args, outs[0])
@@ -358,5 +361,8 @@ class _Replace(relax.PyExprMutator):
                     self.bfp[binding.var] = items
                     return
                 self.bfp[binding.var] = items[1:]
+                if layer.fp32_nhwc:                # read only by residual adds of fused layers
+                    self.nhwc[binding.var] = items[0]
+                    return
                 value = items[0]
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))

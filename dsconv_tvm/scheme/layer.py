@@ -47,6 +47,10 @@ class DSConvLayer:
     bfp_input: bool = False
     bfp_output: BFPFormat | None = None
     fp32_output: bool = True
+    # the float tensors that only residual adds of fused layers read, channel-innermost
+    # ([N, H, W, C]): this layer's residual input, and its float output (with bfp_output)
+    residual_nhwc: bool = False
+    fp32_nhwc: bool = False
 
     @property
     def in_format(self) -> BFPFormat:

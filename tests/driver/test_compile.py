@@ -74,3 +74,20 @@ def test_fused_bfp_between_layers_changes_no_bit(residual_onnx, tmp_path, cfg):
     assert all(layer.bfp == () for layer in plain.report.converted)
     x = np.random.default_rng(0).standard_normal((1, 3, 20, 20)).astype(np.float32)
     np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
+
+
+def test_fused_bfp_residual_stream_changes_no_bit(tmp_path):
+    """ResNet-20: bottleneck outputs read by the next block's first conv (BFP) and its residual add
+    (a channel-innermost float tensor); the same bits as unfused layers."""
+    import numpy as np
+
+    from dsconv_tvm.execute.runner import predict
+
+    path = os.path.join(REPO, "models", "resnet20.onnx")
+    cfg = DSConvConfig()
+    fused = compile_model(path, "x86", str(tmp_path / "f.so"), cfg, check=False)
+    compile_model(path, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    kinds = [b for layer in fused.report.converted for b in layer.bfp]
+    assert "out+fp32-nhwc" in kinds and "out" in kinds and "in" in kinds
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))

@@ -81,8 +81,12 @@ def dsconv_te(layer: DSConvLayer):
         bias = te.placeholder((co,), "float32", name="bias")
         inputs.append(bias)
     if layer.has_residual:
-        residual = te.placeholder(layer.out_shape, "float32", name="residual")
+        n_, co_, oh_, ow_ = layer.out_shape
+        residual = te.placeholder((n_, oh_, ow_, co_) if layer.residual_nhwc else layer.out_shape, "float32",
+                                  name="residual")
         inputs.append(residual)
+        if layer.residual_nhwc:
+            residual = nhwc_reader(residual)
 
     if layer.packed:
         def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
@@ -116,8 +120,18 @@ def dsconv_te(layer: DSConvLayer):
         return inputs, [y]
     fp32 = []
     if layer.fp32_output:          # a copy of the epilogue's tile (the schedule keeps that one in L1)
-        fp32 = [te.compute(layer.out_shape, lambda *i: y(*i), name="dsconv_fp32", attrs=_OTHER)]
+        if layer.fp32_nhwc:
+            n_, co_, oh_, ow_ = layer.out_shape
+            fp32 = [te.compute((n_, oh_, ow_, co_), lambda nn, p, q, o: y[nn, o, p, q], name="dsconv_fp32",
+                               attrs=_OTHER)]
+        else:
+            fp32 = [te.compute(layer.out_shape, lambda *i: y(*i), name="dsconv_fp32", attrs=_OTHER)]
     return inputs, fp32 + quantized_output(layer, y)
+
+
+def nhwc_reader(t):
+    """``(n, c, y, x) -> t[n, y, x, c]``: a channel-innermost tensor read as NCHW."""
+    return lambda nn, c, yy, xx: t[nn, yy, xx, c]
 
 
 def stored_mantissas(bfp, layer: DSConvLayer, name: str):
@@ -208,4 +222,8 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
     if fmt is not None:
         out += (f" bfp_out=block:{fmt.block},mantissa:{fmt.mantissa},unsigned:{int(fmt.unsigned)},"
                 f"sums:{int(fmt.sums)} fp32_out={int(layer.fp32_output)}")
+    if layer.fp32_nhwc:
+        out += " fp32_nhwc=1"
+    if layer.residual_nhwc:
+        out += " residual_nhwc=1"
     return out

@@ -67,7 +67,8 @@ def layer_args(layer: DSConvLayer, seed: int, x=None):
 def output_shapes(layer: DSConvLayer):
     view = consumer_view(layer)
     arrays = bfp_input_arrays(np.zeros(layer.out_shape, np.float32), view)
-    outs = [(layer.out_shape, "float32")] if layer.fp32_output else []
+    n, co, oh, ow = layer.out_shape
+    outs = [((n, oh, ow, co) if layer.fp32_nhwc else layer.out_shape, "float32")] if layer.fp32_output else []
     return outs + [(a.shape, str(a.dtype)) for a in arrays]
 
 
@@ -196,3 +197,18 @@ def test_metaschedule_space_of_fused_layers_builds_and_matches():
     sch = schedule_dsconv_cpu(func, HOST, sch=s_tir.Schedule(func, seed=1), sample=True)
     outs = call(tvm.compile(sch.mod, HOST), layer, [*bfp_input_arrays(x, base), *consts])
     np.testing.assert_array_equal(outs[0], run_local(layer, [*bfp_input_arrays(x, base), *consts])[0])
+
+
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+def test_channel_innermost_residual_stream(target):
+    """A producer that reads its residual and writes its float output channel-innermost ([N, H, W,
+    C], the bottleneck outputs of a ResNet chain) computes what the NCHW one does."""
+    layer = producer_layer(PRODUCERS[2])                                  # 1x1 with residual
+    x, qw, bias, consts, res = layer_args(layer, seed=7)
+    nchw = run_local(layer, [x, *consts, res], target)
+    nhwc = dataclasses.replace(layer, residual_nhwc=True, fp32_nhwc=True)
+    got = run_local(nhwc, [x, *consts, np.ascontiguousarray(res.transpose(0, 2, 3, 1))], target)
+    np.testing.assert_array_equal(got[0], nchw[0].transpose(0, 2, 3, 1))
+    for a, b in zip(got[1:], nchw[1:]):
+        np.testing.assert_array_equal(a, b)
+    check_producer(layer, nchw, x, qw, bias, res)
