@@ -174,6 +174,14 @@ def _run_on_board(remote, spec, target, tmp_path):
         inputs = [x, *consts] + ([res] if res is not None else [])
         bfp_only = run(dataclasses.replace(layer, fp32_output=False), inputs)
         check_producer(layer, run(layer, inputs), x, qw, bias, res, bfp_only)
+    layer = producer_layer(PRODUCERS[2], "int8")                       # the channel-innermost residual stream
+    x, qw, bias, consts, res = layer_args(layer, seed=7)
+    nchw = run(layer, [x, *consts, res])
+    nhwc = run(dataclasses.replace(layer, residual_nhwc=True, fp32_nhwc=True),
+               [x, *consts, np.ascontiguousarray(res.transpose(0, 2, 3, 1))])
+    np.testing.assert_array_equal(nhwc[0], nchw[0].transpose(0, 2, 3, 1))
+    for a, b in zip(nhwc[1:], nchw[1:]):
+        np.testing.assert_array_equal(a, b)
     for in_shape, co, k, s, p, bits, block, uns, res in CONSUMERS[:4]:
         layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
                             "int8", res)
