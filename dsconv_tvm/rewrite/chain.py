@@ -7,10 +7,12 @@ block sums of the 4-bit offset correction -- and the consumers read it instead o
 float tensor in a separate pass.  Conditions: the backend has such kernels, every consumer reads
 the same BFP format (block, mantissa bits, signedness, sums), the producer's output channels are a
 whole number of those blocks (its schedule quantizes a pixel tile once all of a block's channels
-are done), and the producer is a conv (not a classifier run as a 1x1 conv).  The float output is
-still written when anything else uses it (a residual add, a pooling, the model's output, another
-consumer format): such a producer is not chained (see :func:`chain_layers`).  A residual add and
-the activation are in the producer's epilogue, so they are fused with the quantization too.
+are done), and the producer is a conv (not a classifier run as a 1x1 conv).  When something else
+uses the float output too (a pooling, the model's output, a depthwise conv, another consumer
+format) the producer is not chained; when that something is only the residual add of chained
+producers (a ResNet bottleneck's output, also read by the next bottleneck's residual add), it is,
+and that float tensor travels channel-innermost (:func:`_chain_residual_streams`).  A residual add
+and the activation are in the producer's epilogue, so they are fused with the quantization too.
 """
 
 from __future__ import annotations
