@@ -88,24 +88,38 @@ def _chain_residual_streams(plans, uses: dict, consumers: dict) -> int:
     chained producers (a ResNet bottleneck's output: the next bottleneck's first conv and its
     residual add): chained too, the float output written channel-innermost ([N, H, W, C]) from the
     producer's tile and read so by the residual adds (their epilogue tile is channel-innermost):
-    no transpose on either side.  Decided from the last layer back (a residual reader must be
-    chained before its producer is)."""
+    no transpose on either side.  Decided from the last layer back, repeated until nothing
+    changes (a residual reader must be chained before its producer is)."""
     residual_readers: dict = {}
     for _, plan in plans:
         if plan.residual is not None:
             residual_readers.setdefault(plan.residual, []).append(plan)
+    chained, before = 0, -1
+    while chained != before:         # until nothing changes (a residual reader may come first)
+        before = chained
+        chained += _residual_pass(plans, uses, consumers, residual_readers)
+    return chained
+
+
+def _residual_pass(plans, uses: dict, consumers: dict, residual_readers: dict) -> int:
     chained = 0
     for end, plan in reversed(plans):
+        if plan.layer.fp32_nhwc:
+            continue
         readers, adds = consumers.get(end, []), residual_readers.get(end, [])
         formats = {r.layer.in_format for r in readers}
-        if plan.dense or plan.layer.bfp_output is not None or len(formats) != 1 or not adds or \
+        if plan.dense or plan.layer.bfp_output is not None or len(formats) > 1 or not adds or \
                 uses.get(end, 0) != len(readers) + len(adds) or \
                 any(a.layer.bfp_output is None for a in adds):
             continue
-        fmt = formats.pop()
-        if plan.layer.out_channels % fmt.block:
-            continue
-        _chain(plan, readers, fmt, True, nhwc=True)
+        if not readers:              # read only by residual adds (a downsample conv)
+            plan.layer = dataclasses.replace(plan.layer, fp32_nhwc=True)
+            plan.report.bfp = (*plan.report.bfp, "fp32-nhwc")
+        else:
+            fmt = formats.pop()
+            if plan.layer.out_channels % fmt.block:
+                continue
+            _chain(plan, readers, fmt, True, nhwc=True)
         for add in adds:
             add.layer = dataclasses.replace(add.layer, residual_nhwc=True)
         chained += 1

@@ -352,6 +352,9 @@ class _Replace(relax.PyExprMutator):
                 [self.nhwc[plan.residual] if layer.residual_nhwc else self.visit_expr(plan.residual)]
             args = [*head, *plan.consts, *res]
             outs = plan.outputs
+            if len(outs) == 1 and layer.fp32_nhwc:    # read only by residual adds of fused layers
+                self.nhwc[binding.var] = emit(relax.call_tir(plan.gv, args, outs[0]))
+                return
             if len(outs) == 1:
                 value = relax.call_tir(plan.gv, args, outs[0])
             else:

@@ -116,7 +116,7 @@ def dsconv_te(layer: DSConvLayer):
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
     y = epilogue(layer, out, bias, residual, attrs=_OTHER)
-    if layer.bfp_output is None:
+    if layer.bfp_output is None and not layer.fp32_nhwc:
         return inputs, [y]
     fp32 = []
     if layer.fp32_output:          # a copy of the epilogue's tile (the schedule keeps that one in L1)
@@ -126,7 +126,7 @@ def dsconv_te(layer: DSConvLayer):
                                attrs=_OTHER)]
         else:
             fp32 = [te.compute(layer.out_shape, lambda *i: y(*i), name="dsconv_fp32", attrs=_OTHER)]
-    return inputs, fp32 + quantized_output(layer, y)
+    return inputs, fp32 + (quantized_output(layer, y) if layer.bfp_output is not None else [])
 
 
 def nhwc_reader(t):

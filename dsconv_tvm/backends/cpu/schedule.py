@@ -131,8 +131,12 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # a BFP output: the register tiles of one output block's channels finish a pixel tile before
     # it is quantized (the block max needs all its channels), see _quantize_tile
     b2 = output_block(func)
+    co = int(sch.get(o_).extent)
+    if b2 is None and layer_attr_value(func, "fp32_nhwc") == "1":
+        # only a channel-innermost float output: the same tile, without the quantization
+        b2 = largest_divisor(co, [max(vls), vl])
     # (whole blocks without empty slots: see kernels.quantized_output)
-    fused = b2 is not None and int(sch.get(o_).extent) % b2 == 0 and b2 % (2 * TAP) == 0
+    fused = b2 is not None and co % b2 == 0 and b2 % (2 * TAP) == 0
     if fused:
         vls = [v for v in vls if b2 % v == 0] or [largest_divisor(b2, [vl, 16, 8, 4, 2])]
         vl = vl if b2 % vl == 0 else vls[0]
@@ -236,9 +240,11 @@ def _quantize_tile(sch: s_tir.Schedule, qo) -> None:
     e_o, e_p, e_q = sch.get_loops(epi)[-3:]
     sch.reorder(e_p, e_q, e_o)
     sch.vectorize(e_o)
-    _vector_reduce(sch, sch.get_sblock("next_amax"), qo)
+    amax = get_block(sch, "next_amax")
+    if amax is not None:
+        _vector_reduce(sch, amax, qo)
     fp32 = get_block(sch, "dsconv_fp32")
-    if fp32 is not None:             # the float output too (NCHW): from the tile
+    if fp32 is not None:             # the float output too (NCHW or NHWC): from the tile
         sch.reverse_compute_at(fp32, qo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(fp32)[-1])
     for name in ("next_bfp_e", "next_m", "next_sum"):

@@ -65,10 +65,11 @@ def layer_args(layer: DSConvLayer, seed: int, x=None):
 
 
 def output_shapes(layer: DSConvLayer):
-    view = consumer_view(layer)
-    arrays = bfp_input_arrays(np.zeros(layer.out_shape, np.float32), view)
     n, co, oh, ow = layer.out_shape
     outs = [((n, oh, ow, co) if layer.fp32_nhwc else layer.out_shape, "float32")] if layer.fp32_output else []
+    if layer.bfp_output is None:
+        return outs
+    arrays = bfp_input_arrays(np.zeros(layer.out_shape, np.float32), consumer_view(layer))
     return outs + [(a.shape, str(a.dtype)) for a in arrays]
 
 
@@ -78,7 +79,7 @@ def compiled(layer: DSConvLayer, target):
 
 
 def call(fn, layer: DSConvLayer, inputs, dev=None):
-    shapes = output_shapes(layer) if layer.bfp_output else [(layer.out_shape, "float32")]
+    shapes = output_shapes(layer)
     outs = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in shapes]
     fn(*[tvm.runtime.tensor(a, dev) for a in inputs], *outs)
     return [o.numpy() for o in outs]
@@ -220,3 +221,8 @@ def test_channel_innermost_residual_stream(target):
     for a, b in zip(got[1:], nchw[1:]):
         np.testing.assert_array_equal(a, b)
     check_producer(layer, nchw, x, qw, bias, res)
+    # a layer whose float output only residual adds read (a downsample conv): NHWC, no BFP
+    plain = dataclasses.replace(layer, bfp_output=None, has_residual=False)
+    (y,) = run_local(plain, [x, *consts], target)
+    (y_nhwc,) = run_local(dataclasses.replace(plain, fp32_nhwc=True), [x, *consts], target)
+    np.testing.assert_array_equal(y_nhwc, y.transpose(0, 2, 3, 1))
