@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    import bench_models
     import numpy as np
     import tvm
 
-    import bench_models
     from dsconv_tvm.config import DSConvConfig
     from dsconv_tvm.driver.compile import compile_model
     from dsconv_tvm.execute.runner import load_library
