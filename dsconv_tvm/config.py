@@ -27,8 +27,8 @@ Defaults (documented in README.md):
 * ``fuse_bfp=True``: where a DSConv layer's output is the input of DSConv layers (all of the same
   BFP format), the producer's epilogue writes their BFP input (mantissas, exponents, block sums)
   and they read it: no separate quantization pass, and the float tensor is written only when
-  something else uses it too (:mod:`dsconv_tvm.rewrite.chain`).  Backends without fused kernels
-  ignore it.  The integers are the same either way.
+  something else uses it too (:mod:`dsconv_tvm.rewrite.chain`).  Used where the backend says it
+  pays (``Backend.fuses_bfp``: x86 kernels; not ARM, not CUDA).  The bits are the same either way.
 """
 
 from __future__ import annotations
