@@ -24,6 +24,11 @@ Defaults (documented in README.md):
 * ``layer_bits``: per-layer weight bits ``{layer name: bits}`` overriding ``bits`` for those layers
   (mixed precision: what ``--bits auto`` chooses, :mod:`dsconv_tvm.accuracy.mixed`); each layer's
   packed format follows its own bits (<= 4: two per byte, else one byte each).
+* ``fuse_bfp=True``: where a DSConv layer's output is the input of DSConv layers (all of the same
+  BFP format), the producer's epilogue writes their BFP input (mantissas, exponents, block sums)
+  and they read it: no separate quantization pass, and the float tensor is written only when
+  something else uses it too (:mod:`dsconv_tvm.rewrite.chain`).  Used where the backend says it
+  pays (``Backend.fuses_bfp``: x86 kernels; not ARM, not CUDA).  The bits are the same either way.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class DSConvConfig:
     skip: tuple[str, ...] = field(default_factory=tuple)
     dense: str = "keep"
     layer_bits: dict[str, int] = field(default_factory=dict)
+    fuse_bfp: bool = True
 
     def __post_init__(self):
         def _int(name, value):

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...scheme.bfp import mantissa_range
-from ...scheme.layer import DSConvLayer
+from ...scheme.bfp import bfp_quantize, mantissa_range
+from ...scheme.layer import BFPFormat, DSConvLayer
 from ..common import pack_scales, slot_weights
 
 TAP = 4          # channels per byte-dot-product lane (vpmaddubsw pairs x2, vpdpbusd, sdot)
@@ -53,6 +53,18 @@ def signed_dot(layer: DSConvLayer) -> bool:
     complement (sign-extended in registers with byte shifts, which x86 lacks: there, ``w + 8``
     and 8 x the mantissa sum subtracted)."""
     return layer.act_dtype == "int8"
+
+
+def needs_sums(layer: DSConvLayer) -> bool:
+    """Whether the layer's kernel subtracts 8 x the per-pixel sum of its stored mantissas (4-bit
+    weights stored as ``w + 8``: x86; not the two's complement nibbles of :func:`signed_dot`)."""
+    return layer.packed and not signed_dot(layer)
+
+
+def bfp_format(layer: DSConvLayer) -> BFPFormat:
+    """The BFP format in which ``layer`` reads its input from a fused producer (the sums only
+    where :func:`needs_sums`)."""
+    return BFPFormat(layer.block, layer.mantissa, layer.unsigned, needs_sums(layer))
 
 
 def pack_weights(q: np.ndarray, bits: int, block: int, signed: bool = False) -> np.ndarray:
@@ -102,4 +114,21 @@ def layer_params(layer: DSConvLayer, q: np.ndarray, xi: np.ndarray,
         if bias is None:
             raise ValueError("layer has a bias but none was given")
         out.append(np.ascontiguousarray(np.asarray(bias, np.float32).reshape(layer.out_channels)))
+    return out
+
+
+def bfp_input_arrays(x: np.ndarray, layer: DSConvLayer) -> list[np.ndarray]:
+    """numpy: the BFP form of ``layer``'s float input ``x`` [N, C, H, W] as a layer with
+    ``bfp_input`` reads it (and a producer with ``bfp_output`` writes it): stored mantissas
+    ``[N, G, H, W, Bp]`` (``act_dtype``, offset ``z``, ``z`` in the empty slots), exponents
+    ``[N, G, H, W]`` int32 and, where :func:`needs_sums`, the sums of the stored mantissas."""
+    n, _, h, w = x.shape
+    g, bsz, bp = layer.groups, layer.block, slots(layer)
+    m, e = bfp_quantize(x, bsz, layer.mantissa, layer.unsigned)          # N, G*B, H, W
+    stored = np.zeros((n, g, h, w, bp), np.int64)
+    stored[..., :bsz] = m.reshape(n, g, bsz, h, w).transpose(0, 1, 3, 4, 2)
+    stored += act_offset(layer)
+    out = [stored.astype(layer.act_dtype), e.astype(np.int32)]
+    if needs_sums(layer):
+        out.append(stored.sum(axis=-1).astype(np.int32))
     return out
