@@ -92,8 +92,7 @@ def run_model(name: str, args, work: str, log) -> list[dict]:
 
     for b in args.bits:
         ev("uniform", f"W{b}", model, ["--bits", b])
-    # budgets: fixed fractions of fp32, and steps above this model's uniform W4 bytes (the smallest a
-    # model can deploy: 2- and 3-bit weights are stored as nibbles too)
+    # budgets: fixed fractions of fp32, and steps above this model's uniform W4 bytes
     w4 = next((r["ratio"] for r in rows if r["label"] == "W4"), None)
     budgets = sorted(set(args.budgets) | ({round(w4 + s, 4) for s in args.steps} if w4 else set()))
     budgets = [r for r in budgets if w4 is None or r > w4]

@@ -2,8 +2,9 @@
 
 1. **Candidates.**  Every converted layer can take ``bits`` in :data:`CANDIDATE_BITS`; its deployed
    bytes at ``b`` bits are computed with the packer itself (:func:`layer_bytes`), so the budget is
-   checked on the bytes the ``.so`` will hold (2- and 3-bit weights are stored as nibbles, like
-   4-bit ones: they cost the same bytes and are chosen only if they were somehow better).
+   checked on the bytes the ``.so`` will hold, in the target backend's own format (CPU: 2-bit weights
+   four per byte, 3-bit ones nibbles like 4-bit ones, 5/6-bit ones bytes like 8-bit ones; CUDA: 2/3-bit
+   ones nibbles too), so a width that costs as much as a wider one is never chosen.
 2. **Sensitivity** ``s[layer, b]``: with calibration inputs, the relative error of the model output
    (ONNX Runtime on the BN-folded model) when only that layer's weights are quantized at ``b`` bits
    (``||y_b - y||^2 / ||y||^2`` summed over the samples); without data, the relative weight error

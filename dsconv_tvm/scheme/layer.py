@@ -20,9 +20,10 @@ class BFPFormat:
 
     block: int
     mantissa: int
-    unsigned: bool = False
-    sums: bool = True            # the per-pixel block sums of the stored mantissas (the backend's
+    unsigned: bool
+    sums: bool                   # the per-pixel block sums of the stored mantissas (the backend's
     #                              Backend.bfp_format says whether its consumers need them)
+    slots: int                   # channel slots per block of the stored mantissas (Bp, >= block)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class DSConvLayer:
 
     @property
     def packed(self) -> bool:
-        """Two weights per byte (b <= 4); otherwise one byte per weight."""
+        """Nibble-packed (b <= 4) in the CUDA layout; the CPU layout has its own fields per byte
+        (``backends.cpu.layout.per_byte``: 2-bit weights four per byte)."""
         return self.bits <= 4
 
     @property

@@ -121,3 +121,24 @@ def test_compile_bits_auto_cli_report_and_errors(tmp_path, capsys):
         assert cli.main(["compile", path, "-o", str(tmp_path / "n.so"), "--no-check", *argv]) == 2, argv
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1 and err[0].startswith("dsconv-tvm compile: error:") and msg in err[0], err
+
+
+@pytest.mark.parametrize("target, cheaper", [("x86", {2: 0.25, 3: 0.5, 4: 0.5, 5: 1, 6: 1, 8: 1}),
+                                             ("rpi5", {2: 0.25, 3: 0.5, 4: 0.5, 5: 1, 6: 1, 8: 1}),
+                                             ("jetson-orin", {2: 0.5, 3: 0.5, 4: 0.5, 5: 1, 6: 1, 8: 1})])
+def test_the_knapsack_counts_each_backends_own_packed_bytes(target, cheaper):
+    """CPU targets pack 2-bit weights four per byte, CUDA as nibbles: the allocation's bytes per bits
+    are what each backend's packer writes (weights per byte written out here) + the fp32 scales."""
+    from dsconv_tvm.accuracy.mixed import layer_bytes
+    from dsconv_tvm.backends.base import backend_for
+    from dsconv_tvm.scheme.geometry import ConvGeometry
+    from dsconv_tvm.scheme.layer import DSConvLayer
+    from dsconv_tvm.target import get_target
+
+    backend = backend_for(get_target(target).tvm_target())
+    shape = (64, 96, 3, 3)                                  # 3 blocks of 32: no padding slots
+    layer = DSConvLayer((1, 96, 8, 8), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
+                        act_dtype=backend.act_dtype)
+    scales = 64 * 3 * 9 * 4
+    for bits, per_weight in cheaper.items():
+        assert layer_bytes(backend, layer, shape, bits) == int(np.prod(shape) * per_weight) + scales

@@ -6,18 +6,20 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
 2. ``bfp_m``  integer mantissas, channel-innermost ``[N, G, Hp, Wp, Bp]`` (padded: channels to
    ``Bp`` slots per block, pixels to the conv padding), stored as ``act_dtype`` with the offset of
    :func:`.layout.act_offset`;
-3. ``w_unpack`` 4-bit weights taken from the packed bytes as ``w + 8`` (one nibble: one ``and`` or
-   shift, one small tile at a time in the schedule: the packed bytes are what the .so holds);
-   on ARM (:func:`.layout.signed_dot`) as ``w`` itself (two's complement: two or one shifts)
+3. ``w_unpack`` 2- to 4-bit weights taken from the packed bytes (one crumb or nibble per weight,
+   constant shifts, one small tile at a time in the schedule: the packed bytes are what the .so
+   holds): on x86 as ``w + 2^(field-1)`` (a shift and an ``and``), on ARM
+   (:func:`.layout.signed_dot`) as ``w`` itself (two's complement: sign-extended with a left shift
+   and an arithmetic right shift, see :func:`packed_field`)
    ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4, x86 only)
    ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap;
-4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 8 * bfp_sum - corr) * xi * scale
+4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 2^(field-1) * bfp_sum - corr) * xi * scale
    (ARM: no bfp_sum);
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
 Fused BFP between layers (``layer.bfp_input`` / ``layer.bfp_output``, see docs/kernels.md): a
-consumer takes the stored mantissas, exponents and (x86 4-bit weights) sums instead of ``x`` (stages 1-2 reduce to
-``bfp_s``); a producer quantizes its epilogue's output for its consumers with the same stages
+consumer takes the stored mantissas, exponents and (x86 2- to 4-bit weights) sums instead of ``x``
+(stages 1-2 reduce to ``bfp_s``); a producer quantizes its epilogue's output for its consumers with the same stages
 (``next_amax``, ``next_bfp_e``, ``next_m``, ``next_sum``) and writes those instead of (or, with
 ``layer.fp32_output``, besides a copy ``dsconv_fp32`` of) the float output.
 
@@ -29,11 +31,37 @@ from __future__ import annotations
 from ...scheme.geometry import ConvGeometry
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
 from ..common import bfp_stages, block_scaled_sum, clamp_index, epilogue, in_image, layer_primfunc
-from .layout import TAP, act_offset, needs_sums, signed_dot, slots, weight_shape
+from .layout import (
+    TAP,
+    act_offset,
+    field_bits,
+    needs_sums,
+    per_byte,
+    signed_dot,
+    slots,
+    weight_dtype,
+    weight_offset,
+    weight_shape,
+)
 
 # MetaSchedule: the "dsconv" custom rule (schedule.py) schedules the whole function from the
 # dsconv_out block; every other block says "None" so the generic rules leave it alone
 _OTHER = {"schedule_rule": "None"}
+
+
+def packed_field(byte, h: int, field: int, signed: bool):
+    """Field ``h`` (a constant) of ``field`` bits of a packed uint8 ``byte`` (TIR): ``signed``, the
+    two's complement weight as int8 (shifted left to the top of the byte, then arithmetically right:
+    ``shl`` + ``sshr``, the top field ``sshr`` alone); else the offset-binary field as uint8 (shifted
+    down and masked: the bottom field an ``and`` alone, the top one a shift alone)."""
+    from tvm import tirx
+
+    above = 8 - field * (h + 1)                 # bits of the byte above the field
+    if signed:
+        top = byte << tirx.const(above, "uint8") if above else byte
+        return top.astype("int8") >> tirx.const(8 - field, "int8")
+    low = byte >> tirx.const(field * h, "uint8") if h else byte
+    return low & tirx.const((1 << field) - 1, "uint8") if above else low
 
 
 def dsconv_te(layer: DSConvLayer):
@@ -41,7 +69,7 @@ def dsconv_te(layer: DSConvLayer):
 
     Inputs: the float input ``x`` [N, C, H, W], or (``layer.bfp_input``) its BFP form as the
     producer layer wrote it: stored mantissas ``[N, G, H, W, Bp]``, exponents ``[N, G, H, W]`` and
-    (:func:`.layout.needs_sums`: x86 4-bit weights) the mantissa sums ``[N, G, H, W]``; then the
+    (:func:`.layout.needs_sums`: x86 2- to 4-bit weights) the mantissa sums ``[N, G, H, W]``; then the
     constants and the residual.
     Outputs: the float output (unless ``layer.fp32_output`` is off) and, for
     ``layer.bfp_output``, the consumers' BFP input in that layout (:func:`quantized_output`)."""
@@ -58,9 +86,10 @@ def dsconv_te(layer: DSConvLayer):
     _, _, oh, ow = layer.out_shape
     z = act_offset(layer)
 
-    # 4-bit weights: on x86 (w + 8) the dot products need the per-pixel mantissa sums; the ARM
-    # ones (signed_dot: two's complement nibbles) do not
+    # packed weights in offset binary (x86: w + 2^(field-1)) need the per-pixel mantissa sums (that
+    # offset x the sum is subtracted); ARM's two's complement fields (signed_dot) and int8 do not
     signed, sums = signed_dot(layer), needs_sums(layer)
+    npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
     if layer.bfp_input:
         inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
                   te.placeholder((n, g, h, w), "int32", name="x_exp")]
@@ -78,7 +107,7 @@ def dsconv_te(layer: DSConvLayer):
         bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if sums else None
         mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
         sum_at = (lambda *i: bfp_sum[i]) if bfp_sum is not None else None  # noqa: E731
-    wq = te.placeholder(weight_shape(layer), "uint8" if layer.packed else "int8", name="w_packed")
+    wq = te.placeholder(weight_shape(layer), weight_dtype(layer.bits), name="w_packed")
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
     inputs += [wq, xi]
     corr = bias = residual = None
@@ -96,23 +125,14 @@ def dsconv_te(layer: DSConvLayer):
         if layer.residual_nhwc:
             residual = nhwc_reader(residual)
 
-    four = tirx.const(4, "uint8")
-    if layer.packed and signed:
-        def _unpack(gg, i, j, k4, o, t):       # two's complement nibble, sign-extended by shifts
-            byte = wq[gg, i, j, k4 // 2, o, t]
-            low = (byte << four).astype("int8") >> tirx.const(4, "int8")
-            return tirx.if_then_else(k4 % 2 == 0, low, byte.astype("int8") >> tirx.const(4, "int8"))
+    def _unpack(gg, i, j, k4, o, t):       # field k4 % npb of byte k4 // npb (constant once unrolled)
+        byte = wq[gg, i, j, k4 // npb, o, t]
+        value = packed_field(byte, npb - 1, field, signed)
+        for h in reversed(range(npb - 1)):
+            value = tirx.if_then_else(k4 % npb == h, packed_field(byte, h, field, signed), value)
+        return value if signed else value.astype("int8")
 
-        wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
-    elif layer.packed:
-        def _unpack(gg, i, j, k4, o, t):       # the nibble itself: w + 8 in [0, 15]
-            byte = wq[gg, i, j, k4 // 2, o, t]
-            return tirx.if_then_else(k4 % 2 == 0, byte & tirx.const(15, "uint8"),
-                                     byte >> four).astype("int8")
-
-        wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER)
-    else:
-        wu = wq
+    wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER) if npb > 1 else wq
 
     rk = te.reduce_axis((0, bp), name="rk")
     acc = te.compute(
@@ -125,9 +145,9 @@ def dsconv_te(layer: DSConvLayer):
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
         if sum_at is not None:
-            # the dot product with w + 8 has 8 x the block's mantissa sum too much (subtracted
-            # with the constant correction)
-            v = v - sum_at(nn, gg, p * sh + i * dh, q * sw + j * dw) * 8
+            # the dot product with w + offset has offset x the block's mantissa sum too much
+            # (subtracted with the constant correction)
+            v = v - sum_at(nn, gg, p * sh + i * dh, q * sw + j * dw) * w_off
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
@@ -150,15 +170,16 @@ def nhwc_reader(t):
     return lambda nn, c, yy, xx: t[nn, yy, xx, c]
 
 
-def stored_mantissas(bfp, layer: DSConvLayer, name: str):
+def stored_mantissas(bfp, layer: DSConvLayer, name: str, bp: int | None = None):
     """``[N, G, Hp, Wp, Bp]`` the mantissas of ``layer``'s input as stored (``act_dtype``, offset
-    :func:`.layout.act_offset`, padded: channels to ``Bp`` slots, pixels to the conv padding)."""
+    :func:`.layout.act_offset`, padded: channels to ``Bp`` slots -- ``bp``, default
+    :func:`.layout.slots` --, pixels to the conv padding)."""
     from tvm import te
 
     n, _, h, w = layer.in_shape
     pt, pl, pb, pr = layer.geom.padding
     z = float(act_offset(layer))
-    return te.compute((n, layer.groups, h + pt + pb, w + pl + pr, slots(layer)),
+    return te.compute((n, layer.groups, h + pt + pb, w + pl + pr, bp or slots(layer)),
                       lambda nn, gg, yy, xx, k: (bfp.mantissa(nn, gg, k, yy, xx) + z).astype(layer.act_dtype),
                       name=name, attrs=_OTHER)
 
@@ -196,11 +217,11 @@ def padded_bfp_input(layer: DSConvLayer, mant, sums):
 
 def output_view(layer: DSConvLayer) -> DSConvLayer:
     """The consumers' view of ``layer``'s output: an unpadded input of their BFP format (what
-    :func:`quantized_output` quantizes for; its weight bits only say whether the format has sums,
-    :func:`.layout.bfp_format`)."""
+    :func:`quantized_output` quantizes for; the slots and sums come from the format, not from the
+    view's weight bits)."""
     fmt = layer.bfp_output
-    return DSConvLayer(layer.out_shape, layer.out_channels, (1, 1), ConvGeometry(), 4 if fmt.sums else 8,
-                       fmt.block, fmt.mantissa, fmt.unsigned, act_dtype=layer.act_dtype)
+    return DSConvLayer(layer.out_shape, layer.out_channels, (1, 1), ConvGeometry(), 8, fmt.block, fmt.mantissa,
+                       fmt.unsigned, act_dtype=layer.act_dtype)
 
 
 def quantized_output(layer: DSConvLayer, y) -> list:
@@ -208,12 +229,12 @@ def quantized_output(layer: DSConvLayer, y) -> list:
     same stages as a layer quantizing its own input: stored mantissas ``next_m``
     [N, G', OH, OW, Bp'], exponents ``next_bfp_e`` [N, G', OH, OW] and, when the consumers
     need them, mantissa sums ``next_sum``."""
-    view = output_view(layer)
-    whole = view.in_shape[1] % view.block == 0 and slots(view) == view.block
+    fmt, view = layer.bfp_output, output_view(layer)
+    whole = view.in_shape[1] % fmt.block == 0 and fmt.slots == fmt.block
     # rounded like the consumers' own quantization pass would (ARM: the vectorizable tirx.round)
     stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole, vector_rint=signed_dot(view))
-    mant = stored_mantissas(stages, view, "next_m")
-    return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if layer.bfp_output.sums else [])
+    mant = stored_mantissas(stages, view, "next_m", fmt.slots)
+    return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if fmt.sums else [])
 
 
 def dsconv_primfunc(layer: DSConvLayer):
@@ -239,7 +260,7 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
     fmt = layer.bfp_output
     if fmt is not None:
         out += (f" bfp_out=block:{fmt.block},mantissa:{fmt.mantissa},unsigned:{int(fmt.unsigned)},"
-                f"sums:{int(fmt.sums)} fp32_out={int(layer.fp32_output)}")
+                f"sums:{int(fmt.sums)},slots:{fmt.slots} fp32_out={int(layer.fp32_output)}")
     if layer.fp32_nhwc:
         out += " fp32_nhwc=1"
     if layer.residual_nhwc:

@@ -25,7 +25,7 @@ from tvm.target import Target
 
 from ..common import get_block, is_dsconv, layer_attr_value
 from . import intrinsics
-from .layout import TAP
+from .layout import TAP, group_channels
 
 
 def largest_divisor(n: int, candidates) -> int:
@@ -70,12 +70,13 @@ def dot_intrin(func: tirx.PrimFunc, target: Target):
     return intrinsics.select(target, layer_bits(func), act, co, slots)
 
 
-def output_block(func: tirx.PrimFunc) -> int | None:
-    """The block size of the BFP output a DSConv PrimFunc writes for its consumers (None: none)."""
+def output_format(func: tirx.PrimFunc) -> dict[str, int] | None:
+    """The BFP output a DSConv PrimFunc writes for its consumers, as its DSConv attribute gives it
+    (block, mantissa, unsigned, sums, slots; None: none)."""
     fmt = layer_attr_value(func, "bfp_out")
     if fmt is None:
         return None
-    return int(dict(item.split(":") for item in fmt.split(","))["block"])
+    return {key: int(value) for key, value in (item.split(":") for item in fmt.split(","))}
 
 
 #: instruction sets with 32 vector registers (AVX-512): room for longer pixel rows per tile
@@ -146,13 +147,15 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     n_, o_, p_, q_, rg, ri, rj = sch.get_loops(out_blk)
     # a BFP output: the register tiles of one output block's channels finish a pixel tile before
     # it is quantized (the block max needs all its channels), see _quantize_tile
-    b2 = output_block(func)
+    out_fmt = output_format(func)
+    b2 = out_fmt["block"] if out_fmt else None
     co = int(sch.get(o_).extent)
     if b2 is None and layer_attr_value(func, "fp32_nhwc") == "1":
         # only a channel-innermost float output: the same tile, without the quantization
         b2 = largest_divisor(co, [max(vls), vl])
-    # (whole blocks without empty slots: see kernels.quantized_output)
-    fused = b2 is not None and co % b2 == 0 and b2 % (2 * TAP) == 0
+    # (whole blocks without empty slots -- 8-channel steps, or 16 for 2-bit consumers: see
+    # kernels.quantized_output)
+    fused = b2 is not None and co % b2 == 0 and b2 % (2 * TAP) == 0 and (not out_fmt or out_fmt["slots"] == b2)
     if fused:
         vls = [v for v in vls if b2 % v == 0] or [largest_divisor(b2, [vl, 16, 8, 4, 2])]
         vl = vl if b2 % vl == 0 else vls[0]
@@ -177,20 +180,26 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # int32 block dot products: one [qt, vl] tile per (block, tap), kept in registers
     sch.compute_at(acc_blk, rj, preserve_unit_loops=True)
     a_q, a_o, a_k = sch.get_loops(acc_blk)[-3:]
-    # 8 channels per step: two groups of 4 (the low and high nibbles of one packed byte)
+    # one step = the channels of one packed byte per 4-channel lane: 8 (two groups of 4, the low and
+    # high nibbles; or two int8 groups), 16 for 2-bit fields (four groups); with a 16-channel
+    # intrinsic call, one call (two nibble bytes or one crumb byte per lane)
+    step = group_channels(layer_bits(func))
     if intrin is not None:
-        kb, k8 = sch.split(a_k, [None, intrin.channels])
+        # the intrinsic's channels per call (8, or 16 on the A72), inside a step when the step is wider
+        # (2-bit crumbs with 8-channel calls: two calls per unpacked byte)
+        per_call = intrin.channels
+        kb, *k2, k8 = sch.split(a_k, [None, per_call] if step <= per_call else [None, step // per_call, per_call])
         a_oa, a_ob = sch.split(a_o, [None, intrin.lanes])
-        sch.reorder(kb, a_q, a_oa, a_ob, k8)
+        sch.reorder(kb, *k2, a_q, a_oa, a_ob, k8)
     else:
-        kb, kh, kt = sch.split(a_k, [None, 2, TAP])
+        kb, kh, kt = sch.split(a_k, [None, step // TAP, TAP])
         sch.reorder(kb, kh, kt, a_q, a_o)
         sch.vectorize(a_o)
         sch.unroll(kh)
         sch.unroll(kt)
     sch.unroll(a_q)
     unpack = get_block(sch, "w_unpack")
-    if unpack is not None:               # sign-extend the 8 channels' weights for the whole tile
+    if unpack is not None:               # sign-extend the step's weights for the whole tile
         sch.compute_at(unpack, kb, preserve_unit_loops=True)
         u_loops = sch.get_loops(unpack)
         sch.unroll(u_loops[-3])

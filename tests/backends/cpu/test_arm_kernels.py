@@ -22,8 +22,13 @@ CASES = [
     ((1, 48, 7, 7), 8, (3, 3), (2, 2), (1, 1, 1, 1), 4, 16, False, False),
     ((1, 24, 5, 5), 12, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, True),     # partial block
     ((1, 16, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 8, 16, False, False),    # int8 weights
-    ((1, 40, 9, 9), 16, (3, 3), (2, 2), (0, 1, 2, 1), 2, 32, True, False),    # 2-bit nibbles, partial block
+    ((1, 40, 9, 9), 16, (3, 3), (2, 2), (0, 1, 2, 1), 2, 16, True, False),    # 2-bit crumbs, blocks of 16, partial
     ((1, 24, 7, 7), 24, (1, 1), (1, 1), (0, 0, 0, 0), 6, 8, False, True),     # 6-bit weights, 3 blocks
+    ((1, 64, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, True),      # 2-bit: four per byte
+    ((1, 40, 5, 5), 12, (1, 1), (1, 1), (0, 0, 0, 0), 2, 32, False, False),   # 2-bit, partial block
+    ((1, 24, 5, 5), 8, (3, 3), (1, 1), (1, 1, 1, 1), 3, 8, False, False),     # 3-bit nibbles
+    ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 5, 64, True, False),     # 5-bit: 16-channel A72 calls
+    ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 7, 32, False, False),    # 7-bit (A72: plain vector code)
 ]
 
 

@@ -1,5 +1,6 @@
 """The DSConv TensorIR kernel, scheduled and compiled, against the numpy reference."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -102,6 +103,11 @@ TENSORIZED = [
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, "int8", False),    # ARM storage: -128
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, "uint8", False),  # 8 bits: vnni only
     ((1, 128, 1, 1), 40, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, True, "uint8", False),  # 40 = 2 x 16 + 8
+    # 2-bit weights, four per byte (16-channel unpack steps): signed (offset), partial, ARM storage
+    ((1, 64, 9, 9), 32, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, "uint8", True),
+    ((1, 40, 7, 7), 16, (3, 3), (2, 2), (1, 1, 1, 1), 2, 32, False, "uint8", False),   # partial block
+    ((1, 48, 6, 6), 16, (1, 1), (1, 1), (0, 0, 0, 0), 2, 8, True, "uint8", False),     # B=8 < 16 slots
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, "int8", False),
 ]
 
 
@@ -174,16 +180,31 @@ def test_pack_unpack_roundtrip(co, ci, k, bits, block, seed, signed):
     q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (co, ci, k, k)).astype(np.int8)
     wp = pack_weights(q, bits, block, signed)
     g = -(-ci // block)
-    bp = -(-block // 8) * 8
-    if bits <= 4:
-        assert wp.dtype == np.uint8 and wp.shape == (g, k, k, bp // 8, co, 4)
-    else:
-        assert wp.dtype == np.int8 and wp.shape == (g, k, k, bp // 4, co, 4)
+    per = 4 if bits == 2 else 2 if bits <= 4 else 1           # fields per byte, written out here
+    bp = -(-block // (4 * max(per, 2))) * 4 * max(per, 2)
+    assert wp.dtype == (np.uint8 if per > 1 else np.int8) and wp.shape == (g, k, k, bp // (4 * per), co, 4)
     assert np.array_equal(unpack_weights(wp, bits, block, ci, signed), q)
 
 
-def test_packed_bytes_are_half_a_byte_per_weight():
+def test_two_bit_fields_by_hand():
+    """Channel c = 16k + 4h + t of a block: crumb h of byte [k, o, t] holds w + 2 (x86) or w in
+    two's complement (ARM, signed)."""
+    q = np.zeros((1, 16, 1, 1), np.int8)
+    q[0, [0, 4, 8, 12, 13], 0, 0] = [-2, -1, 1, 0, 1]
+    wp = pack_weights(q, 2, 16)
+    assert wp.shape == (1, 1, 1, 1, 1, 4)
+    assert wp[0, 0, 0, 0, 0, 0] == 0 | 1 << 2 | 3 << 4 | 2 << 6
+    assert wp[0, 0, 0, 0, 0, 1] == 2 | 2 << 2 | 2 << 4 | 3 << 6     # channels 1, 5, 9 (0) and 13 (1)
+    ws = pack_weights(q, 2, 16, signed=True)
+    assert ws.shape == wp.shape and ws.dtype == np.uint8
+    assert ws[0, 0, 0, 0, 0, 0] == 2 | 3 << 2 | 1 << 4 | 0 << 6
+    assert ws[0, 0, 0, 0, 0, 1] == 1 << 6
+
+
+def test_packed_bytes_follow_the_bits():
     q = np.zeros((64, 64, 3, 3), np.int8)
+    assert pack_weights(q, 2, 32).nbytes == q.size // 4
+    assert pack_weights(q, 3, 32).nbytes == q.size // 2
     assert pack_weights(q, 4, 32).nbytes == q.size // 2
     assert pack_weights(q, 8, 32).nbytes == q.size
 
@@ -228,14 +249,19 @@ def test_assembly_has_the_dot_product_instructions(target, isa, pattern, least):
     act = "int8" if isa in ("neon", "sdot") else "uint8"
     layer = DSConvLayer((1, 64, 14, 14), 64, (3, 3), ConvGeometry((1, 1), (1, 1, 1, 1)), 4, 32, 8, True,
                         "float32", True, "relu", act)
-    asm = _asm(target, layer)
-    assert len(re.findall(pattern, asm)) >= least
-    # the 4-bit weights are unpacked in registers from the packed bytes
     unpack = r"\bvpsrlw\s+\$4|\bvpand\s|\bushr\s+v\d+\.16b|\bsshr\s+v\d+\.16b|\band\s+v\d+\.16b"
-    assert re.search(unpack, asm)
+    for bits in (4, 2):
+        asm = _asm(target, dataclasses.replace(layer, bits=bits))
+        assert len(re.findall(pattern, asm)) >= least
+        # the 4- and 2-bit weights are unpacked in registers from the packed bytes (constant shifts:
+        # x86 w + 2 crumbs shifted down, ARM two's complement crumbs sign-extended by sshr #6)
+        assert re.search(unpack, asm)
+        if bits == 2:
+            assert re.search(r"\bvpsrlw\s+\$[246],|\bsshr\s+v\d+\.16b, v\d+\.16b, #6\b", asm)
 
 
-@pytest.mark.parametrize("bits, block, channels", [(4, 64, 16), (5, 32, 16), (4, 24, 8), (4, 16, 8), (6, 64, 8)])
+@pytest.mark.parametrize("bits, block, channels", [(4, 64, 16), (5, 32, 16), (4, 24, 8), (4, 16, 8), (6, 64, 8),
+                                                   (2, 32, 16), (2, 64, 16), (2, 16, 8), (2, 8, 8), (3, 32, 16)])
 def test_a72_takes_16_channels_per_call_where_exact(bits, block, channels):
     """The A72's smull/smlal sequence sums 8 products in i16 when the block's slots allow 16
     channels per call (and more than one such step): only for weights of at most 5 bits

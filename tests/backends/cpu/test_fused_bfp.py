@@ -34,6 +34,8 @@ PRODUCERS = [
     ((1, 32, 6, 6), 40, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, False, "relu", (32, 8, True)),   # 40 % 32
     ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, True, False, "relu", (32, 8, False)),  # int8, no sums
     ((1, 16, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 16, True, False, "none", (4, 6, False)),   # 4 < 8 slots
+    ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, True, "relu", (32, 8, True)),    # crumbs
+    ((1, 16, 6, 6), 24, (1, 1), (1, 1), (0, 0, 0, 0), 2, 16, False, False, "relu", (8, 8, True)),  # 8 < 16 slots
 ]
 
 
@@ -53,16 +55,26 @@ def test_bfp_format_has_sums_only_for_offset_binary_nibbles():
     def fmt(bits, act):
         return bfp_format(DSConvLayer((1, 32, 4, 4), 16, (1, 1), ConvGeometry(), bits, 32, 8, True, act_dtype=act))
 
-    assert fmt(4, "uint8") == BFPFormat(32, 8, True, sums=True)
-    assert fmt(4, "int8") == BFPFormat(32, 8, True, sums=False)
+    assert fmt(4, "uint8") == BFPFormat(32, 8, True, sums=True, slots=32)
+    assert fmt(4, "int8") == BFPFormat(32, 8, True, sums=False, slots=32)
+    assert fmt(2, "uint8").sums and not fmt(2, "int8").sums
     assert not fmt(8, "uint8").sums and not fmt(8, "int8").sums
+    # 2-bit weights (crumbs) are unpacked in 16-channel steps: a block of 8 takes 16 slots
+    small = DSConvLayer((1, 24, 4, 4), 16, (1, 1), ConvGeometry(), 2, 8, 8, True)
+    assert bfp_format(small) == BFPFormat(8, 8, True, sums=True, slots=16)
+    assert bfp_format(dataclasses.replace(small, bits=4)).slots == 8
 
 
 def consumer_view(layer: DSConvLayer) -> DSConvLayer:
-    """A 1x1 consumer of the producer's output in its BFP format (what bfp_input_arrays needs)."""
+    """A 1x1 consumer of the producer's output in its BFP format (what bfp_input_arrays needs): one
+    whose weight width gives that format's slots and sums."""
     fmt = layer.bfp_output
-    return DSConvLayer(layer.out_shape, 16, (1, 1), ConvGeometry(), 4 if fmt.sums else 8, fmt.block,
-                       fmt.mantissa, fmt.unsigned, act_dtype=layer.act_dtype)
+    for bits in (2, 4, 8):
+        view = DSConvLayer(layer.out_shape, 16, (1, 1), ConvGeometry(), bits, fmt.block, fmt.mantissa, fmt.unsigned,
+                           act_dtype=layer.act_dtype)
+        if bfp_format(view) == fmt:
+            return view
+    raise AssertionError(f"no consumer reads {fmt}")
 
 
 def layer_args(layer: DSConvLayer, seed: int, x=None):
@@ -145,6 +157,8 @@ CONSUMERS = [
     ((1, 64, 9, 9), 32, (1, 1), (2, 2), (0, 0, 0, 0), 4, 32, False, False),   # stride 2, signed
     ((1, 40, 6, 6), 16, (3, 3), (2, 2), (0, 1, 2, 1), 4, 32, True, False),    # partial block, odd padding
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, False),   # int8 weights: no sums
+    ((1, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, False),    # crumbs: sums x 2
+    ((1, 24, 6, 6), 16, (3, 3), (2, 2), (0, 1, 2, 1), 2, 8, False, True),     # crumbs, block 8 in 16 slots
 ]
 
 
@@ -184,7 +198,7 @@ def _run_on_board(remote, spec, target, tmp_path):
         remote.upload(str(path))
         return call(remote.load_module(path.name)["main"], layer, inputs, dev)
 
-    for case in (PRODUCERS[0], PRODUCERS[1], PRODUCERS[2], PRODUCERS[5]):
+    for case in (PRODUCERS[0], PRODUCERS[1], PRODUCERS[2], PRODUCERS[5], PRODUCERS[7], PRODUCERS[8]):
         layer = producer_layer(case, "int8")
         x, qw, bias, consts, res = layer_args(layer, seed=sum(case[0]) + case[1])
         inputs = [x, *consts] + ([res] if res is not None else [])
@@ -198,7 +212,7 @@ def _run_on_board(remote, spec, target, tmp_path):
     np.testing.assert_array_equal(nhwc[0], nchw[0].transpose(0, 2, 3, 1))
     for a, b in zip(nhwc[1:], nchw[1:]):
         np.testing.assert_array_equal(a, b)
-    for in_shape, co, k, s, p, bits, block, uns, res in CONSUMERS[:4]:
+    for in_shape, co, k, s, p, bits, block, uns, res in CONSUMERS[:4] + CONSUMERS[5:]:
         layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
                             "int8", res)
         x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
