@@ -74,9 +74,10 @@ class CPUBackend(Backend):
     @functools.cached_property
     def fuses_bfp(self) -> bool:
         """Fused BFP between layers on x86 (its kernels' ISA has an x86 schedules key): measured
-        faster there; on ARM the kernels are tested but not the default (ResNet-20 on the
-        emulated Cortex-A76: +12.7 % instructions with fusion, its 16-channel stage with 4-lane
-        tiles)."""
+        faster there; on ARM the kernels are tested but not the default: with main's ARM kernels
+        (no mantissa sums, vectorized rounding) the emulated counts are mixed (ResNet-20 A76
+        -31 %, almost all outside the quantization and MAC blocks; A72 -0.6 %; vgg_small A76
+        +0.4 %; results/fused_bfp_arm_count.json)."""
         from .intrinsics import isa_of
 
         return isa_of(self.target) in X86_SCHEDULE_KEYS
