@@ -25,6 +25,12 @@ Defaults (documented in README.md):
   (mixed precision: what ``--bits auto`` chooses, :mod:`dsconv_tvm.accuracy.mixed`); each layer's
   packed format follows its own bits (the backend's layout: on CPUs 2-bit weights four per byte,
   3-/4-bit two per byte, wider ones one byte each; on CUDA <= 4 bits two per byte).
+* ``fuse_bfp=True``: where a DSConv layer's output is the input of DSConv layers (all of the same
+  BFP format: block, mantissa, slots, sums), the producer's epilogue writes their BFP input
+  (mantissas, exponents, block sums where their kernels need them) and they read it: no separate
+  quantization pass, and the float tensor is written only when something else uses it too
+  (:mod:`dsconv_tvm.rewrite.chain`).  Used where the backend says it pays (``Backend.fuses_bfp``:
+  x86 kernels; not ARM, not CUDA).  The bits are the same either way.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class DSConvConfig:
     skip: tuple[str, ...] = field(default_factory=tuple)
     dense: str = "keep"
     layer_bits: dict[str, int] = field(default_factory=dict)
+    fuse_bfp: bool = True
 
     def __post_init__(self):
         def _int(name, value):

@@ -26,6 +26,8 @@ class Backend:
     kind = ""
     #: whether its DSConv kernels can fuse a residual add into their epilogue
     fuses_residual = False
+    #: whether its DSConv kernels can write the next layers' BFP input and read it (fused BFP)
+    fuses_bfp = False
 
     def __init__(self, target):
         self.target = target
@@ -68,6 +70,11 @@ class Backend:
 
     def primfunc(self, layer):
         """The unscheduled PrimFunc of one :class:`~dsconv_tvm.scheme.layer.DSConvLayer`."""
+        raise NotImplementedError
+
+    def bfp_format(self, layer):
+        """The :class:`~dsconv_tvm.scheme.layer.BFPFormat` in which ``layer`` reads a fused
+        producer's output (only asked where :attr:`fuses_bfp`)."""
         raise NotImplementedError
 
     def layer_params(self, layer, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:

@@ -90,15 +90,21 @@ def pow2(exponent):
 class BFPStages:
     """The block-floating-point stages shared by the backends' DSConv kernels."""
 
-    amax: object        # [N, G, H, W] max |x| over each block of channels, per pixel
+    amax: object        # [N, G, H, W] max |x| over each block of channels, per pixel (or None)
     bfp_e: object       # [N, G, H, W] the block's shared exponent (from the float's bits, exact)
     bfp_s: object       # [N, G, H+pad, W+pad] block scales 2^(e - f), 0 in the padding
     mantissa: object    # (n, g, k, y, x) -> float mantissa of channel k of block g at padded (y, x)
 
 
-def bfp_stages(x, layer: DSConvLayer, attrs=None, vector_rint: bool = False) -> BFPStages:
+def bfp_stages(x, layer: DSConvLayer, attrs=None, prefix: str = "", exponents=None,
+               whole_blocks: bool = False, vector_rint: bool = False) -> BFPStages:
     """TE stages quantizing ``x`` [N, C, H, W] to BFP for ``layer`` (exponents per block and
-    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels).
+    pixel; mantissas rounded and clamped, 0 outside the image and beyond the channels).  Block
+    names start with ``prefix``.  ``exponents`` [N, G, H, W] int32: the exponents are given (an
+    input quantized by the producer layer): then only ``bfp_s`` is built (``x`` may be None).
+    ``whole_blocks``: the channels are a whole number of blocks and the mantissas are read only for
+    channels < C, so channel indices need no clamping (a clamped index defeats the region analysis
+    of a stage computed under a tile loop).
 
     Mantissas are rounded half to even with ``tirx.nearbyint``.  ``vector_rint`` (LLVM targets
     only): with ``tirx.round`` instead, which TVM 0.27 lowers on LLVM to the same
@@ -115,43 +121,62 @@ def bfp_stages(x, layer: DSConvLayer, attrs=None, vector_rint: bool = False) -> 
     f = fraction_bits(layer.mantissa, layer.unsigned)
     lo, hi = mantissa_range(layer.mantissa, layer.unsigned)
     zero = tirx.const(0.0, "float32")
-    r = te.reduce_axis((0, bsz), name="r")
+    amax = None
 
-    def _abs_in_block(nn, gg, yy, xx):
-        ch = gg * bsz + r
-        v = tirx.abs(x[nn, tirx.min(ch, c - 1), yy, xx])
-        return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
+    def _channel(ch):
+        return ch if whole_blocks else tirx.min(ch, c - 1)
 
-    amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
-                      name="amax", attrs=attrs)
+    if exponents is None:
+        r = te.reduce_axis((0, bsz), name="r")
 
-    def _exponent_of_amax(nn, gg, yy, xx):
-        bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
-        e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
-        return tirx.max(tirx.min(e, E_MAX), E_MIN)
+        def _abs_in_block(nn, gg, yy, xx):
+            ch = gg * bsz + r
+            v = tirx.abs(x[nn, _channel(ch), yy, xx])
+            return v if c % bsz == 0 else tirx.if_then_else(ch < c, v, zero)
 
-    bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name="bfp_e", attrs=attrs)   # once per block and pixel
+        amax = te.compute((n, g, h, w), lambda nn, gg, yy, xx: te.max(_abs_in_block(nn, gg, yy, xx), axis=r),
+                          name=prefix + "amax", attrs=attrs)
 
-    def _in_image(yy, xx):
-        return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
+        def _exponent_of_amax(nn, gg, yy, xx):
+            bits = tirx.reinterpret("int32", amax[nn, gg, yy, xx])
+            e = ((bits >> 23) & 0xFF) - 126                      # amax in [2^(e-1), 2^e); 0 -> -126
+            return tirx.max(tirx.min(e, E_MAX), E_MIN)
 
-    def _clamp(v, size):             # keeps speculated (vectorized) reads inside the image
-        return tirx.max(tirx.min(v, size - 1), 0)
+        # once per block and pixel
+        bfp_e = te.compute((n, g, h, w), _exponent_of_amax, name=prefix + "bfp_e", attrs=attrs)
+    else:
+        bfp_e = exponents
 
     def _scale(nn, gg, yy, xx):
-        e = bfp_e[nn, gg, _clamp(yy - pt, h), _clamp(xx - pl, w)]
-        return tirx.if_then_else(_in_image(yy, xx), pow2(e - f), zero)
+        e = bfp_e[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w)]
+        return tirx.if_then_else(in_image(layer, yy, xx), pow2(e - f), zero)
 
-    bfp_s = te.compute((n, g, hp, wpd), _scale, name="bfp_s", attrs=attrs)
+    bfp_s = te.compute((n, g, hp, wpd), _scale, name=prefix + "bfp_s", attrs=attrs)
 
     def _mantissa(nn, gg, k, yy, xx):
         ch = gg * bsz + k
-        y0, x0 = _clamp(yy - pt, h), _clamp(xx - pl, w)
-        val = x[nn, tirx.min(ch, c - 1), y0, x0] * pow2(f - bfp_e[nn, gg, y0, x0])
+        y0, x0 = clamp_index(yy - pt, h), clamp_index(xx - pl, w)
+        val = x[nn, _channel(ch), y0, x0] * pow2(f - bfp_e[nn, gg, y0, x0])
         q = tirx.max(tirx.min(rint(val), float(hi)), float(lo))
-        return tirx.if_then_else(tirx.all(_in_image(yy, xx), k < bsz, ch < c), q, zero)
+        return tirx.if_then_else(tirx.all(in_image(layer, yy, xx), k < bsz, ch < c), q, zero)
 
     return BFPStages(amax, bfp_e, bfp_s, _mantissa)
+
+
+def in_image(layer: DSConvLayer, yy, xx):
+    """Whether the padded input position (yy, xx) of ``layer`` lies inside the image."""
+    from tvm import tirx
+
+    _, _, h, w = layer.in_shape
+    pt, pl, _, _ = layer.geom.padding
+    return tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
+
+
+def clamp_index(v, size):
+    """``v`` clamped to [0, size): keeps speculated (vectorized) reads inside the image."""
+    from tvm import tirx
+
+    return tirx.max(tirx.min(v, size - 1), 0)
 
 
 def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
@@ -176,8 +201,8 @@ def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
 
 
 def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
-    """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape), then the
-    activation."""
+    """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape, or a function
+    ``(n, co, p, q) -> value`` reading another layout), then the activation."""
     from tvm import te, tirx
 
     if layer.activation not in ACTIVATIONS:
@@ -189,7 +214,7 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
         if bias is not None:
             v = v + bias[o]
         if residual is not None:
-            v = v + residual[nn, o, p, q]
+            v = v + (residual(nn, o, p, q) if callable(residual) else residual[nn, o, p, q])
         if layer.activation == "relu":
             v = tirx.max(v, zero)
         return v

@@ -57,7 +57,7 @@ def format_summary(result) -> str:
         status = "dsconv" if layer.converted else "fp32"
         mant = ("u" if layer.unsigned else "s") + str(cfg.mantissa) if layer.converted else "-"
         sq = f"{layer.sqnr_db:8.2f}" if layer.converted else f"{'-':>8}"
-        note = "+".join(layer.fused) if layer.converted else layer.reason
+        note = "+".join(layer.fused + tuple("bfp-" + b for b in layer.bfp)) if layer.converted else layer.reason
         if layer.converted and result.tuned_functions:
             note += (" " if note else "") + ("[tuned]" if _layer_tuned(layer, result) else "[default]")
         wbits = f"W{layer.bits}" if layer.converted else "-"
@@ -96,7 +96,8 @@ def report_json(result) -> dict:
                     "weight_shape": list(l.weight_shape), "fp32_bytes": l.fp32_bytes,
                     "deployed_bytes": l.deployed_bytes, "bits": l.bits if l.converted else None,
                     "sqnr_db": None if not l.converted else round(l.sqnr_db, 3),
-                    "unsigned_mantissa": l.unsigned, "fused": list(l.fused)} for l in result.report.layers],
+                    "unsigned_mantissa": l.unsigned, "fused": list(l.fused),
+                    "bfp": list(l.bfp)} for l in result.report.layers],
         "agreement": None if result.agreement is None else vars(result.agreement),
         "mixed_precision": None if result.allocation is None else result.allocation.to_dict(),
     }

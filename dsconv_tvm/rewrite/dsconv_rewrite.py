@@ -18,8 +18,6 @@ ReLU, possibly through pooling/reshapes) and ``config.unsigned_after_relu`` is s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -31,6 +29,7 @@ from ..scheme.geometry import ConvGeometry
 from ..scheme.layer import DSConvLayer
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
+from .chain import PlannedLayer, chain_layers
 from .report import ConversionReport, LayerReport
 
 _NONNEG_PASSTHROUGH = {
@@ -183,6 +182,13 @@ class DSConvRewrite:
 
         if not plans:
             return func
+        if self.config.fuse_bfp and self.backend.fuses_bfp:
+            chain_layers(list(plans.items()), uses, self.backend.bfp_format)
+        for plan in plans.values():
+            prim = self.backend.primfunc(plan.layer)
+            plan.gv = bb.add_func(prim, f"dsconv_{_ident(plan.name)}")
+            plan.outputs = plan.out_sinfo(prim)
+            plan.report.func_name = plan.gv.name_hint
         mutator = _Replace(plans, dropped)
         return mutator.visit_expr(func)
 
@@ -291,19 +297,16 @@ class DSConvRewrite:
                             bias is not None, activation, self.backend.act_dtype, residual is not None)
         params = self.backend.layer_params(layer, qw.q, qw.xi, bias)
         wp, xi = params[:2]
-        gv = bb.add_func(self.backend.primfunc(layer), f"dsconv_{_ident(name)}")
-        consts = [relax.const(a) for a in params]
-        if dense:           # emitted by _Replace: reshape to [N, K, 1, 1], the 1x1 DSConv, reshape back
-            new = _DenseCall(data, tuple(in_shape), gv, consts, layer.out_shape, (in_shape[0], co))
-        else:
-            args = [data, *consts] + ([residual] if residual is not None else [])
-            new = relax.call_tir(gv, args, relax.TensorType(layer.out_shape, "float32"))
-        self.report.layers.append(LayerReport(
+        report = LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
             deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
-            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation,
-            func_name=gv.name_hint, layer=layer, bits=bits))
-        return end, new, absorbed, residual
+            fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation, layer=layer, bits=bits)
+        self.report.layers.append(report)
+        # the PrimFunc and the call are made once every layer is planned (chain_layers may make it
+        # write or read BFP); a dense layer is emitted as reshape to [N, K, 1, 1], the 1x1 DSConv,
+        # reshape back
+        plan = PlannedLayer(name, layer, data, [relax.const(a) for a in params], residual, dense, report)
+        return end, plan, absorbed, residual
 
 
 def _single_user(var, uses, users):
@@ -318,35 +321,51 @@ def _ident(name: str) -> str:
     return out or "layer"
 
 
-@dataclass
-class _DenseCall:
-    data: object
-    shape4: tuple
-    gv: object
-    consts: list
-    out4: tuple
-    out2: tuple
-
-
 @relax.expr_functor.mutator
 class _Replace(relax.PyExprMutator):
+    """Emits the planned layers' calls in place of the bindings they replace."""
+
     def __init__(self, plans, dropped):
         super().__init__()
         self.plans = plans
         self.dropped = dropped
+        self.bfp = {}          # producer's output var -> the vars of the BFP input it writes
+        self.nhwc = {}         # producer's output var -> its float output, channel-innermost
 
     def visit_var_binding_(self, binding):
         if binding.var in self.dropped:
             return
-        if binding.var in self.plans:
-            plan = self.plans[binding.var]
-            if isinstance(plan, _DenseCall):
-                x4 = self.builder_.emit(relax.op.reshape(self.visit_expr(plan.data), plan.shape4))
-                y4 = self.builder_.emit(relax.call_tir(plan.gv, [x4, *plan.consts],
-                                                       relax.TensorType(plan.out4, "float32")))
-                new_value = relax.op.reshape(y4, plan.out2)
-            else:
-                new_value = self.visit_expr(plan)
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new_value)))
+        plan = self.plans.get(binding.var)
+        if plan is None:
+            super().visit_var_binding_(binding)
             return
-        super().visit_var_binding_(binding)
+        emit = self.builder_.emit
+        layer = plan.layer
+        if plan.dense:
+            n, k = (int(d) for d in plan.data.ty.shape)
+            x4 = emit(relax.op.reshape(self.visit_expr(plan.data), (n, k, 1, 1)))
+            y4 = emit(relax.call_tir(plan.gv, [x4, *plan.consts], plan.outputs[0]))
+            value = relax.op.reshape(y4, (n, layer.out_channels))
+        else:
+            head = self.bfp[plan.data] if layer.bfp_input else [self.visit_expr(plan.data)]
+            res = [] if plan.residual is None else \
+                [self.nhwc[plan.residual] if layer.residual_nhwc else self.visit_expr(plan.residual)]
+            args = [*head, *plan.consts, *res]
+            outs = plan.outputs
+            if len(outs) == 1 and layer.fp32_nhwc:    # read only by residual adds of fused layers
+                self.nhwc[binding.var] = emit(relax.call_tir(plan.gv, args, outs[0]))
+                return
+            if len(outs) == 1:
+                value = relax.call_tir(plan.gv, args, outs[0])
+            else:
+                call = emit(relax.call_tir(plan.gv, args, outs))
+                items = [emit(relax.TupleGetItem(call, i)) for i in range(len(outs))]
+                if not layer.fp32_output:          # every user reads the BFP items: no float tensor
+                    self.bfp[binding.var] = items
+                    return
+                self.bfp[binding.var] = items[1:]
+                if layer.fp32_nhwc:                # read only by residual adds of fused layers
+                    self.nhwc[binding.var] = items[0]
+                    return
+                value = items[0]
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))

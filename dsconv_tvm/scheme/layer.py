@@ -14,6 +14,19 @@ ACT_DTYPES = ("uint8", "int8")
 
 
 @dataclass(frozen=True)
+class BFPFormat:
+    """How a consumer layer reads its input in block floating point: the block size, the mantissa
+    bits and whether the mantissas are unsigned (the storage type is the backend's)."""
+
+    block: int
+    mantissa: int
+    unsigned: bool
+    sums: bool                   # the per-pixel block sums of the stored mantissas (the backend's
+    #                              Backend.bfp_format says whether its consumers need them)
+    slots: int                   # channel slots per block of the stored mantissas (Bp, >= block)
+
+
+@dataclass(frozen=True)
 class DSConvLayer:
     """Everything the kernel of one converted layer is specialised on."""
 
@@ -30,6 +43,16 @@ class DSConvLayer:
     activation: str = "none"
     act_dtype: str = "uint8"                   # mantissa storage (uint8: x86, int8: ARM)
     has_residual: bool = False                 # epilogue adds a tensor of the output's shape
+    # fused BFP between layers: the input arrives already quantized (mantissas, exponents, block
+    # sums written by the producer's epilogue); the output is also (or only) written quantized for
+    # the consumers' format
+    bfp_input: bool = False
+    bfp_output: BFPFormat | None = None
+    fp32_output: bool = True
+    # the float tensors that only residual adds of fused layers read, channel-innermost
+    # ([N, H, W, C]): this layer's residual input, and its float output (with bfp_output)
+    residual_nhwc: bool = False
+    fp32_nhwc: bool = False
 
     @property
     def packed(self) -> bool:

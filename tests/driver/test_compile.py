@@ -55,3 +55,58 @@ def test_cross_compiled_dsconv_models(residual_onnx, tmp_path, target, machine):
     assert elf_machine(out) == machine
     assert len(result.report.converted) == 4
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("cfg", [DSConvConfig(block=8), DSConvConfig(block=8, unsigned_after_relu=False)],
+                         ids=["unsigned", "signed"])
+def test_fused_bfp_between_layers_changes_no_bit(residual_onnx, tmp_path, cfg):
+    """Chained layers (the producer's epilogue writes the consumer's BFP input, here also after a
+    residual add and before a padded, dilated consumer) compute exactly what separate layers do."""
+    import numpy as np
+
+    from dsconv_tvm.execute.runner import predict
+
+    fused = compile_model(residual_onnx, "x86", str(tmp_path / "f.so"), cfg, check=False)
+    plain = compile_model(residual_onnx, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    chain = {layer.name: layer.bfp for layer in fused.report.converted}
+    assert chain == {"block_conv1": ("out",), "block_conv2": ("in", "out"), "down": ("in", "out"),
+                     "dilated": ("in",)}
+    assert all(layer.bfp == () for layer in plain.report.converted)
+    x = np.random.default_rng(0).standard_normal((1, 3, 20, 20)).astype(np.float32)
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
+
+
+@pytest.mark.parametrize("cfg", [DSConvConfig(bits=2, block=16), DSConvConfig(bits=2, block=8),
+                                 DSConvConfig(block=16, layer_bits={"block_conv2": 2, "down": 8}),
+                                 DSConvConfig(block=8, layer_bits={"block_conv2": 2, "down": 2})],
+                         ids=["W2B16", "W2B8", "mixed-B16", "mixed-B8"])
+def test_fused_bfp_every_weight_width_changes_no_bit(residual_onnx, tmp_path, cfg):
+    """2-bit weights (crumbs: 16-slot steps, so a block of 8 is stored in 16 slots and quantized in a
+    separate pass after the producer's conv) and mixed widths among a producer's consumers (one
+    format when their slots agree): fused == unfused bit for bit."""
+    import numpy as np
+
+    from dsconv_tvm.execute.runner import predict
+
+    fused = compile_model(residual_onnx, "x86", str(tmp_path / "f.so"), cfg, check=False)
+    compile_model(residual_onnx, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    assert any(layer.bfp for layer in fused.report.converted)
+    x = np.random.default_rng(1).standard_normal((1, 3, 20, 20)).astype(np.float32)
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
+
+
+def test_fused_bfp_residual_stream_changes_no_bit(tmp_path):
+    """ResNet-20: bottleneck outputs read by the next block's first conv (BFP) and its residual add
+    (a channel-innermost float tensor); the same bits as unfused layers."""
+    import numpy as np
+
+    from dsconv_tvm.execute.runner import predict
+
+    path = os.path.join(REPO, "models", "resnet20.onnx")
+    cfg = DSConvConfig()
+    fused = compile_model(path, "x86", str(tmp_path / "f.so"), cfg, check=False)
+    compile_model(path, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    kinds = [b for layer in fused.report.converted for b in layer.bfp]
+    assert {"out+fp32-nhwc", "fp32-nhwc", "out", "in"} <= set(kinds)
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))

@@ -9,7 +9,7 @@ import os
 from ...host import HOST_FEATURE_NAMES, host_features, mcpu_features
 from ..base import Backend
 from ..common import import_cpu_tensor_intrinsics
-from .layout import layer_params
+from .layout import bfp_format, layer_params
 
 # The kernel, schedule and intrinsics modules import TVM at their top: they are imported in the
 # methods below, so that reading target files (which asks a backend to check them) does not.
@@ -71,10 +71,24 @@ class CPUBackend(Backend):
 
         return activation_dtype(self.target)
 
+    @functools.cached_property
+    def fuses_bfp(self) -> bool:
+        """Fused BFP between layers on x86 (its kernels' ISA has an x86 schedules key): measured
+        faster there; on ARM the kernels are tested but not the default: with main's ARM kernels
+        (no mantissa sums, vectorized rounding) the emulated counts are mixed (ResNet-20 A76
+        -31 %, almost all outside the quantization and MAC blocks; A72 -0.6 %; vgg_small A76
+        +0.4 %; results/fused_bfp_arm_count.json)."""
+        from .intrinsics import isa_of
+
+        return isa_of(self.target) in X86_SCHEDULE_KEYS
+
     def primfunc(self, layer):
         from .kernels import dsconv_primfunc
 
         return dsconv_primfunc(layer)
+
+    def bfp_format(self, layer):
+        return bfp_format(layer)
 
     def layer_params(self, layer, q, xi, bias):
         return layer_params(layer, q, xi, bias)

@@ -17,14 +17,32 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
    (ARM: no bfp_sum);
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
+Fused BFP between layers (``layer.bfp_input`` / ``layer.bfp_output``, see docs/kernels.md): a
+consumer takes the stored mantissas, exponents and (x86 2- to 4-bit weights) sums instead of ``x``
+(stages 1-2 reduce to ``bfp_s``); a producer quantizes its epilogue's output for its consumers with the same stages
+(``next_amax``, ``next_bfp_e``, ``next_m``, ``next_sum``) and writes those instead of (or, with
+``layer.fp32_output``, besides a copy ``dsconv_fp32`` of) the float output.
+
 The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.schedule`.
 """
 
 from __future__ import annotations
 
+from ...scheme.geometry import ConvGeometry
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
-from ..common import bfp_stages, block_scaled_sum, epilogue, layer_primfunc
-from .layout import TAP, act_offset, field_bits, per_byte, signed_dot, slots, weight_dtype, weight_offset, weight_shape
+from ..common import bfp_stages, block_scaled_sum, clamp_index, epilogue, in_image, layer_primfunc
+from .layout import (
+    TAP,
+    act_offset,
+    field_bits,
+    needs_sums,
+    per_byte,
+    signed_dot,
+    slots,
+    weight_dtype,
+    weight_offset,
+    weight_shape,
+)
 
 # MetaSchedule: the "dsconv" custom rule (schedule.py) schedules the whole function from the
 # dsconv_out block; every other block says "None" so the generic rules leave it alone
@@ -47,7 +65,14 @@ def packed_field(byte, h: int, field: int, signed: bool):
 
 
 def dsconv_te(layer: DSConvLayer):
-    """TE tensors of one DSConv layer: returns (inputs, output) for ``te.create_prim_func``."""
+    """TE tensors of one DSConv layer: returns (inputs, outputs) for ``te.create_prim_func``.
+
+    Inputs: the float input ``x`` [N, C, H, W], or (``layer.bfp_input``) its BFP form as the
+    producer layer wrote it: stored mantissas ``[N, G, H, W, Bp]``, exponents ``[N, G, H, W]`` and
+    (:func:`.layout.needs_sums`: x86 2- to 4-bit weights) the mantissa sums ``[N, G, H, W]``; then the
+    constants and the residual.
+    Outputs: the float output (unless ``layer.fp32_output`` is off) and, for
+    ``layer.bfp_output``, the consumers' BFP input in that layout (:func:`quantized_output`)."""
     from tvm import te, tirx
 
     if layer.act_dtype not in ACT_DTYPES:
@@ -57,16 +82,34 @@ def dsconv_te(layer: DSConvLayer):
     kh, kw = layer.kernel
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation
-    pt, pl, pb, pr = layer.geom.padding
     bp, g = slots(layer), layer.groups
     _, _, oh, ow = layer.out_shape
-    hp, wpd = h + pt + pb, w + pl + pr
     z = act_offset(layer)
 
-    x = te.placeholder((n, c, h, w), "float32", name="x")
+    # packed weights in offset binary (x86: w + 2^(field-1)) need the per-pixel mantissa sums (that
+    # offset x the sum is subtracted); ARM's two's complement fields (signed_dot) and int8 do not
+    signed, sums = signed_dot(layer), needs_sums(layer)
+    npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
+    if layer.bfp_input:
+        inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
+                  te.placeholder((n, g, h, w), "int32", name="x_exp")]
+        if sums:
+            inputs.append(te.placeholder((n, g, h, w), "int32", name="x_sum"))
+        bfp = bfp_stages(None, layer, _OTHER, exponents=inputs[1])
+        mant_at, sum_at = padded_bfp_input(layer, inputs[0], inputs[2] if sums else None)
+    else:
+        x = te.placeholder((n, c, h, w), "float32", name="x")
+        inputs = [x]
+        # the ARM quantization pass is vectorized (x86 keeps the serial rounding loop it was
+        # measured and tuned with)
+        bfp = bfp_stages(x, layer, _OTHER, vector_rint=signed)
+        bfp_m = stored_mantissas(bfp, layer, "bfp_m")
+        bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if sums else None
+        mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
+        sum_at = (lambda *i: bfp_sum[i]) if bfp_sum is not None else None  # noqa: E731
     wq = te.placeholder(weight_shape(layer), weight_dtype(layer.bits), name="w_packed")
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
-    inputs = [x, wq, xi]
+    inputs += [wq, xi]
     corr = bias = residual = None
     if z:
         corr = te.placeholder((g, kh, kw, co), "int32", name="corr")
@@ -75,19 +118,12 @@ def dsconv_te(layer: DSConvLayer):
         bias = te.placeholder((co,), "float32", name="bias")
         inputs.append(bias)
     if layer.has_residual:
-        residual = te.placeholder(layer.out_shape, "float32", name="residual")
+        n_, co_, oh_, ow_ = layer.out_shape
+        residual = te.placeholder((n_, oh_, ow_, co_) if layer.residual_nhwc else layer.out_shape, "float32",
+                                  name="residual")
         inputs.append(residual)
-
-    # the ARM dot products (signed_dot): their quantization pass is vectorized (x86 keeps the
-    # serial rounding loop it was measured and tuned with)
-    signed = signed_dot(layer)
-    bfp = bfp_stages(x, layer, _OTHER, vector_rint=signed)
-    npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
-
-    def _mantissa(nn, gg, yy, xx, k):
-        return (bfp.mantissa(nn, gg, k, yy, xx) + float(z)).astype(layer.act_dtype)
-
-    bfp_m = te.compute((n, g, hp, wpd, bp), _mantissa, name="bfp_m", attrs=_OTHER)
+        if layer.residual_nhwc:
+            residual = nhwc_reader(residual)
 
     def _unpack(gg, i, j, k4, o, t):       # field k4 % npb of byte k4 // npb (constant once unrolled)
         byte = wq[gg, i, j, k4 // npb, o, t]
@@ -97,38 +133,114 @@ def dsconv_te(layer: DSConvLayer):
         return value if signed else value.astype("int8")
 
     wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER) if npb > 1 else wq
-    if npb > 1 and w_off:
-        rs = te.reduce_axis((0, bp), name="rs")
-        # sum of the stored mantissas of a block at a pixel: the dot product with w + offset has
-        # offset x this sum too much (subtracted with the constant correction below)
-        bfp_sum = te.compute((n, g, hp, wpd),
-                             lambda nn, gg, yy, xx: te.sum(bfp_m[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
-                             name="bfp_sum", attrs=_OTHER)
-    else:
-        bfp_sum = None
 
     rk = te.reduce_axis((0, bp), name="rk")
     acc = te.compute(
         (n, g, kh, kw, oh, ow, co),
         lambda nn, gg, i, j, p, q, o: te.sum(
-            bfp_m[nn, gg, p * sh + i * dh, q * sw + j * dw, rk].astype("int32")
+            mant_at(nn, gg, p * sh + i * dh, q * sw + j * dw, rk).astype("int32")
             * wu[gg, i, j, rk // TAP, o, rk % TAP].astype("int32"), axis=rk),
         name="dsconv_acc", attrs=_OTHER)
 
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
-        if bfp_sum is not None:
-            v = v - bfp_sum[nn, gg, p * sh + i * dh, q * sw + j * dw] * w_off
+        if sum_at is not None:
+            # the dot product with w + offset has offset x the block's mantissa sum too much
+            # (subtracted with the constant correction)
+            v = v - sum_at(nn, gg, p * sh + i * dh, q * sw + j * dw) * w_off
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
-    return inputs, epilogue(layer, out, bias, residual, attrs=_OTHER)
+    y = epilogue(layer, out, bias, residual, attrs=_OTHER)
+    if layer.bfp_output is None and not layer.fp32_nhwc:
+        return inputs, [y]
+    fp32 = []
+    if layer.fp32_output:          # a copy of the epilogue's tile (the schedule keeps that one in L1)
+        if layer.fp32_nhwc:
+            n_, co_, oh_, ow_ = layer.out_shape
+            fp32 = [te.compute((n_, oh_, ow_, co_), lambda nn, p, q, o: y[nn, o, p, q], name="dsconv_fp32",
+                               attrs=_OTHER)]
+        else:
+            fp32 = [te.compute(layer.out_shape, lambda *i: y(*i), name="dsconv_fp32", attrs=_OTHER)]
+    return inputs, fp32 + (quantized_output(layer, y) if layer.bfp_output is not None else [])
+
+
+def nhwc_reader(t):
+    """``(n, c, y, x) -> t[n, y, x, c]``: a channel-innermost tensor read as NCHW."""
+    return lambda nn, c, yy, xx: t[nn, yy, xx, c]
+
+
+def stored_mantissas(bfp, layer: DSConvLayer, name: str, bp: int | None = None):
+    """``[N, G, Hp, Wp, Bp]`` the mantissas of ``layer``'s input as stored (``act_dtype``, offset
+    :func:`.layout.act_offset`, padded: channels to ``Bp`` slots -- ``bp``, default
+    :func:`.layout.slots` --, pixels to the conv padding)."""
+    from tvm import te
+
+    n, _, h, w = layer.in_shape
+    pt, pl, pb, pr = layer.geom.padding
+    z = float(act_offset(layer))
+    return te.compute((n, layer.groups, h + pt + pb, w + pl + pr, bp or slots(layer)),
+                      lambda nn, gg, yy, xx, k: (bfp.mantissa(nn, gg, k, yy, xx) + z).astype(layer.act_dtype),
+                      name=name, attrs=_OTHER)
+
+
+def mantissa_sums(mant, name: str):
+    """Per pixel and block, the sum of the stored mantissas ``mant`` [N, G, H, W, Bp] (int32)."""
+    from tvm import te
+
+    rs = te.reduce_axis((0, int(mant.shape[-1])), name="rs")
+    return te.compute(tuple(mant.shape[:-1]),
+                      lambda nn, gg, yy, xx: te.sum(mant[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
+                      name=name, attrs=_OTHER)
+
+
+def padded_bfp_input(layer: DSConvLayer, mant, sums):
+    """Readers ``(n, g, y, x, k) -> stored mantissa`` and ``(n, g, y, x) -> sum`` of a BFP input at
+    padded positions, read in place (no padded copy): outside the image they read the nearest
+    pixel (the index clamped, so speculated vector loads stay inside) and the sum ``Bp * z``;
+    that block's scale is 0 there (``bfp_s``), so the term is 0 whatever the integers are."""
+    from tvm import tirx
+
+    _, _, h, w = layer.in_shape
+    pt, pl, _, _ = layer.geom.padding
+    z, bp = act_offset(layer), slots(layer)
+
+    def _mant_at(nn, gg, yy, xx, k):
+        return mant[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w), k]
+
+    def _sum_at(nn, gg, yy, xx):
+        v = sums[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w)]
+        return tirx.if_then_else(in_image(layer, yy, xx), v, tirx.const(bp * z, "int32"))
+
+    return _mant_at, _sum_at if sums is not None else None
+
+
+def output_view(layer: DSConvLayer) -> DSConvLayer:
+    """The consumers' view of ``layer``'s output: an unpadded input of their BFP format (what
+    :func:`quantized_output` quantizes for; the slots and sums come from the format, not from the
+    view's weight bits)."""
+    fmt = layer.bfp_output
+    return DSConvLayer(layer.out_shape, layer.out_channels, (1, 1), ConvGeometry(), 8, fmt.block, fmt.mantissa,
+                       fmt.unsigned, act_dtype=layer.act_dtype)
+
+
+def quantized_output(layer: DSConvLayer, y) -> list:
+    """The epilogue's output ``y`` quantized for the consumers (``layer.bfp_output``), with the
+    same stages as a layer quantizing its own input: stored mantissas ``next_m``
+    [N, G', OH, OW, Bp'], exponents ``next_bfp_e`` [N, G', OH, OW] and, when the consumers
+    need them, mantissa sums ``next_sum``."""
+    fmt, view = layer.bfp_output, output_view(layer)
+    whole = view.in_shape[1] % fmt.block == 0 and fmt.slots == fmt.block
+    # rounded like the consumers' own quantization pass would (ARM: the vectorizable tirx.round)
+    stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole, vector_rint=signed_dot(view))
+    mant = stored_mantissas(stages, view, "next_m", fmt.slots)
+    return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if fmt.sums else [])
 
 
 def dsconv_primfunc(layer: DSConvLayer):
     """The PrimFunc of one DSConv layer, unscheduled (:mod:`.schedule` schedules it)."""
-    inputs, y = dsconv_te(layer)
-    return layer_primfunc([*inputs, y], layer_description(layer))
+    inputs, outputs = dsconv_te(layer)
+    return layer_primfunc([*inputs, *outputs], layer_description(layer))
 
 
 def layer_description(layer: DSConvLayer) -> str:
@@ -138,4 +250,19 @@ def layer_description(layer: DSConvLayer) -> str:
             f"unsigned={int(layer.unsigned)} act={layer.act_dtype} in={list(layer.in_shape)} "
             f"out={list(layer.out_shape)} kernel={list(layer.kernel)} strides={list(layer.geom.strides)} "
             f"padding={list(layer.geom.padding)} dilation={list(layer.geom.dilation)} "
-            f"residual={int(layer.has_residual)}")
+            f"residual={int(layer.has_residual)}" + fused_bfp_description(layer))
+
+
+def fused_bfp_description(layer: DSConvLayer) -> str:
+    """The fused-BFP part of :func:`layer_description` (empty for a layer with float input and
+    output: their workloads, and the shipped records of them, are unchanged)."""
+    out = " bfp_in=1" if layer.bfp_input else ""
+    fmt = layer.bfp_output
+    if fmt is not None:
+        out += (f" bfp_out=block:{fmt.block},mantissa:{fmt.mantissa},unsigned:{int(fmt.unsigned)},"
+                f"sums:{int(fmt.sums)},slots:{fmt.slots} fp32_out={int(layer.fp32_output)}")
+    if layer.fp32_nhwc:
+        out += " fp32_nhwc=1"
+    if layer.residual_nhwc:
+        out += " residual_nhwc=1"
+    return out

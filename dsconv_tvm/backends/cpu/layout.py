@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...scheme.bfp import mantissa_range
-from ...scheme.layer import DSConvLayer
+from ...scheme.bfp import bfp_quantize, mantissa_range
+from ...scheme.layer import BFPFormat, DSConvLayer
 from ..common import pack_scales, slot_weights
 
 TAP = 4          # channels per byte-dot-product lane (vpmaddubsw pairs x2, vpdpbusd, sdot)
@@ -84,6 +84,20 @@ def signed_dot(layer: DSConvLayer) -> bool:
     return layer.act_dtype == "int8"
 
 
+def needs_sums(layer: DSConvLayer) -> bool:
+    """Whether the layer's kernel subtracts :func:`weight_offset` x the per-pixel sum of its stored
+    mantissas (2- to 4-bit weights in offset binary: x86; not the two's complement fields of
+    :func:`signed_dot`, not int8 weights)."""
+    return weight_offset(layer.bits, signed_dot(layer)) != 0
+
+
+def bfp_format(layer: DSConvLayer) -> BFPFormat:
+    """The BFP format in which ``layer`` reads its input from a fused producer: its slots per block
+    (:func:`slots`, 16-channel steps for 2-bit weights) and the sums only where :func:`needs_sums`
+    (they do not depend on the weight offset, which the consumer applies)."""
+    return BFPFormat(layer.block, layer.mantissa, layer.unsigned, needs_sums(layer), slots(layer))
+
+
 def pack_weights(q: np.ndarray, bits: int, block: int, signed: bool = False) -> np.ndarray:
     """int (CO, CI, KH, KW) weights -> the kernel's packed layout (see the module docstring);
     ``signed``: 2- to 4-bit weights as two's complement fields (:func:`signed_dot`), else offset
@@ -133,4 +147,22 @@ def layer_params(layer: DSConvLayer, q: np.ndarray, xi: np.ndarray,
         if bias is None:
             raise ValueError("layer has a bias but none was given")
         out.append(np.ascontiguousarray(np.asarray(bias, np.float32).reshape(layer.out_channels)))
+    return out
+
+
+def bfp_input_arrays(x: np.ndarray, layer: DSConvLayer) -> list[np.ndarray]:
+    """numpy: the BFP form of ``layer``'s float input ``x`` [N, C, H, W] as a layer with
+    ``bfp_input`` reads it (and a producer with ``bfp_output`` = :func:`bfp_format` of it writes
+    it): stored mantissas ``[N, G, H, W, Bp]`` (``act_dtype``, offset ``z``, ``z`` in the empty
+    slots), exponents ``[N, G, H, W]`` int32 and, where :func:`needs_sums`, the sums of the stored
+    mantissas."""
+    n, _, h, w = x.shape
+    g, bsz, bp = layer.groups, layer.block, slots(layer)
+    m, e = bfp_quantize(x, bsz, layer.mantissa, layer.unsigned)          # N, G*B, H, W
+    stored = np.zeros((n, g, h, w, bp), np.int64)
+    stored[..., :bsz] = m.reshape(n, g, bsz, h, w).transpose(0, 1, 3, 4, 2)
+    stored += act_offset(layer)
+    out = [stored.astype(layer.act_dtype), e.astype(np.int32)]
+    if needs_sums(layer):
+        out.append(stored.sum(axis=-1).astype(np.int32))
     return out

@@ -63,10 +63,20 @@ def dot_intrin(func: tirx.PrimFunc, target: Target):
     """The tensor intrinsic the schedule uses for this DSConv PrimFunc on ``target`` (or None):
     the target's widest one whose lanes divide the output channels."""
     sch = s_tir.Schedule(func)
-    act = str(sch.get(sch.get_sblock("bfp_m")).writes[0].source.dtype)
+    act = layer_attr_value(func, "act", "uint8")
     co = int(sch.get(sch.get_sblock("dsconv_out")).writes[0].source.shape[1])
-    slots = int(sch.get(sch.get_sblock("bfp_m")).writes[0].source.shape[-1])
+    # Bp: the extent of the dot products' reduction (a fused consumer has no bfp_m stage)
+    slots = int(sch.get(sch.get_sblock("dsconv_acc")).iter_vars[-1].dom.extent)
     return intrinsics.select(target, layer_bits(func), act, co, slots)
+
+
+def output_format(func: tirx.PrimFunc) -> dict[str, int] | None:
+    """The BFP output a DSConv PrimFunc writes for its consumers, as its DSConv attribute gives it
+    (block, mantissa, unsigned, sums, slots; None: none)."""
+    fmt = layer_attr_value(func, "bfp_out")
+    if fmt is None:
+        return None
+    return {key: int(value) for key, value in (item.split(":") for item in fmt.split(","))}
 
 
 #: instruction sets with 32 vector registers (AVX-512): room for longer pixel rows per tile
@@ -130,13 +140,29 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     vl, qt = tile or options[0]
     intrin = dot_intrin(func, target)
     vls = sorted({v for v, _ in options})
-    if intrin is not None and any(v % intrin.lanes for v in ([vl] if not sample else vls)):
-        intrin = None
     sch = sch or s_tir.Schedule(func)
     out_blk = sch.get_sblock("dsconv_out")
     acc_blk = sch.get_sblock("dsconv_acc")
     epi_blk = sch.get_sblock("dsconv_epilogue")
     n_, o_, p_, q_, rg, ri, rj = sch.get_loops(out_blk)
+    # a BFP output: the register tiles of one output block's channels finish a pixel tile before
+    # it is quantized (the block max needs all its channels), see _quantize_tile
+    out_fmt = output_format(func)
+    b2 = out_fmt["block"] if out_fmt else None
+    co = int(sch.get(o_).extent)
+    if b2 is None and layer_attr_value(func, "fp32_nhwc") == "1":
+        # only a channel-innermost float output: the same tile, without the quantization
+        b2 = largest_divisor(co, [max(vls), vl])
+    # (whole blocks without empty slots -- 8-channel steps, or 16 for 2-bit consumers: see
+    # kernels.quantized_output)
+    fused = b2 is not None and co % b2 == 0 and b2 % (2 * TAP) == 0 and (not out_fmt or out_fmt["slots"] == b2)
+    if fused:
+        vls = [v for v in vls if b2 % v == 0] or [largest_divisor(b2, [vl, 16, 8, 4, 2])]
+        vl = vl if b2 % vl == 0 else vls[0]
+    if intrin is not None and any(v % intrin.lanes for v in ([vl] if not sample else vls)):
+        intrin = None
+    if fused:
+        ob, o_ = sch.split(o_, [None, b2])
     if sample:
         vl_rv = sch.sample_categorical(vls, [1.0 / len(vls)] * len(vls))
         oo, oi = sch.split(o_, [None, vl_rv])
@@ -144,8 +170,12 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     else:
         oo, oi = sch.split(o_, [None, vl])
         qo, qi = sch.split(q_, [None, qt])
-    sch.reorder(n_, oo, p_, qo, rg, ri, rj, qi, oi)
-    sch.parallel(sch.fuse(n_, oo, p_))
+    if fused:
+        sch.reorder(n_, ob, p_, qo, oo, rg, ri, rj, qi, oi)
+        sch.parallel(sch.fuse(n_, ob, p_))
+    else:
+        sch.reorder(n_, oo, p_, qo, rg, ri, rj, qi, oi)
+        sch.parallel(sch.fuse(n_, oo, p_))
 
     # int32 block dot products: one [qt, vl] tile per (block, tap), kept in registers
     sch.compute_at(acc_blk, rj, preserve_unit_loops=True)
@@ -178,8 +208,13 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # float accumulation across blocks and taps
     sch.vectorize(oi)
     sch.unroll(qi)
-    sch.reverse_compute_at(epi_blk, qo, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(epi_blk)[-1])
+    sch.reverse_compute_at(epi_blk, oo if fused else qo, preserve_unit_loops=True)
+    if fused:
+        _quantize_tile(sch, qo)
+    else:
+        sch.vectorize(sch.get_loops(epi_blk)[-1])
+        if b2 is not None:
+            _quantize_rows(sch, "next_")
     init = sch.decompose_reduction(acc_blk, kb)
     if not sample:                       # (its loop count varies with the sampled tile)
         sch.vectorize(sch.get_loops(init)[-1])
@@ -193,6 +228,9 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # TVMBackendAllocWorkspace/Free pair in every iteration of the parallel loop (see the
     # `load ptr, ptr @__TVMBackendAllocWorkspace` lines of the library's LLVM IR).
 
+    if get_block(sch, "amax") is None:     # the input is BFP already: padding and scales only
+        _quantize_rows(sch, "")
+        return sch
     # activation quantization: parallel over (image, block, row); vectorized along rows
     if not sample and _unpadded(sch):
         _bfp_rows(sch)
@@ -212,6 +250,82 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
         sch.parallel(sch.fuse(*loops[:3]))
         sch.decompose_reduction(msum, loops[-1])
     return sch
+
+
+def _quantize_tile(sch: s_tir.Schedule, qo) -> None:
+    """The consumers' BFP of one pixel tile, under its loop ``qo``: all the output block's channels
+    of these pixels have just been written by the epilogue (a few KB, in L1), so the block max,
+    exponents, mantissas (channel-innermost) and their sums are computed from there; the float
+    tile is never written to memory unless the float output is kept too."""
+    # the float tile channel-innermost, as the register tile holds it (vectors of output
+    # channels) and as the mantissas are stored: contiguous vector writes and reads
+    epi = sch.get_sblock("dsconv_epilogue")
+    for blk in (sch.get_sblock("dsconv_out"), epi):
+        sch.transform_layout(blk, ("write", 0), lambda n, o, p, q: (n, p, q, o))
+    e_o, e_p, e_q = sch.get_loops(epi)[-3:]
+    sch.reorder(e_p, e_q, e_o)
+    sch.vectorize(e_o)
+    amax = get_block(sch, "next_amax")
+    if amax is not None:
+        _vector_reduce(sch, amax, qo)
+    fp32 = get_block(sch, "dsconv_fp32")
+    if fp32 is not None:             # the float output too (NCHW or NHWC): from the tile
+        sch.reverse_compute_at(fp32, qo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(fp32)[-1])
+    for name in ("next_bfp_e", "next_m", "next_sum"):
+        blk = get_block(sch, name)
+        if blk is None:
+            continue
+        if name == "next_sum":
+            _vector_reduce(sch, blk, qo)
+        else:
+            sch.reverse_compute_at(blk, qo, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(blk)[-1])
+
+
+def _vector_reduce(sch: s_tir.Schedule, blk, loop, lanes: int = 16) -> None:
+    """A reduction over a contiguous innermost axis (a block's channels), computed under
+    ``loop``: ``lanes`` partial results updated with vector operations (rfactor), then reduced per
+    pixel."""
+    r = sch.get_loops(blk)[-1]
+    extent = int(sch.get(r).extent)
+    if extent % lanes or extent == lanes:
+        sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        sch.decompose_reduction(blk, sch.get_loops(blk)[-1])
+        return
+    _, r1 = sch.split(r, [None, lanes])
+    rank = len(sch.get(blk).writes[0].source.shape)
+    rf = sch.rfactor(r1, factor_axis=rank)          # [..., lanes] partial results
+    sch.reverse_compute_at(rf, loop, preserve_unit_loops=True)
+    lane, *_, pixel, part = sch.get_loops(rf)[-6:]       # (lanes, n, g, y, x, extent / lanes)
+    sch.reorder(pixel, part, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(rf, part)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+    lane, pixel = sch.get_loops(blk)[-5], sch.get_loops(blk)[-1]   # (lanes, n, g, y, x)
+    sch.vectorize(pixel)
+    init = sch.decompose_reduction(blk, lane)
+    sch.vectorize(sch.get_loops(init)[-1])
+def _quantize_rows(sch: s_tir.Schedule, prefix: str) -> None:
+    """BFP stages (``prefix`` + amax, bfp_e, bfp_s; bfp_m, bfp_sum or next_m, next_sum) as
+    separate passes, parallel over (image, block, row), vectorized along the row: the quantized
+    output of a layer whose channels are no whole number of output blocks, or the padding and
+    scales of a BFP input."""
+    names = [prefix + "amax", prefix + "bfp_e", prefix + "bfp_s"]
+    names += ["next_m", "next_sum"] if prefix else ["bfp_m", "bfp_sum"]
+    for name in names:
+        blk = get_block(sch, name)
+        if blk is None:
+            continue
+        loops = sch.get_loops(blk)
+        if name.endswith("amax"):
+            sch.reorder(loops[4], loops[3])
+        sch.parallel(sch.fuse(*loops[:3]))
+        if sch.get(blk).init is not None:                  # a reduction: amax, next_sum
+            sch.decompose_reduction(blk, sch.get_loops(blk)[-2 if name.endswith("amax") else -1])
+        else:
+            sch.vectorize(loops[-1])
 
 
 def _unpadded(sch: s_tir.Schedule) -> bool:
