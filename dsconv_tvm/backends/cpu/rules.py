@@ -41,8 +41,9 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     if len(loops) not in (6, 7):
         return None
     co, ow = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
-    if is_aarch64(target) and sch.get(conv).name_hint == "conv2d_nchw" and co % 8 == 0:
-        return _outer_product_conv(sch, conv, loops, target)
+    tile = outer_product_tile(target)
+    if tile is not None and sch.get(conv).name_hint == "conv2d_nchw" and co % tile[0][-1] == 0:
+        return _outer_product_conv(sch, conv, loops, tile)
     lanes = 16 if vector_lanes(target) == 16 else 8
     xt = largest_divisor(ow, [2 * lanes, lanes, 14, 7, 12, 6, 4]) if ow > 2 * lanes else ow
     ft = largest_divisor(co, [4, 2]) if xt >= lanes else largest_divisor(co, [8, 4, 2])
@@ -112,19 +113,34 @@ def _consumers_per_tile(sch: s_tir.Schedule, consumers: list, loop) -> None:
                 pass
 
 
-#: AArch64 fp32 conv register tile: output channels (4 per vector) x output pixels of a row
-OUTER_CHANNELS, OUTER_PIXELS = 16, (6, 4, 7, 8, 5, 3, 2)
+#: fp32 conv outer-product register tiles, (output channel choices, pixel choices) per ISA, best
+#: first: AArch64 (32 NEON registers of 4 floats), AVX-512 (32 zmm registers of 16 floats; one
+#: zmm of channels x 8 pixels measured best on the stem, 0.72 vs 2.4 ms; tiles of 256 floats and
+#: more, e.g. 32 x 8, compile to code 15x slower)
+OUTER_TILES = {
+    "aarch64": ((16, 8), (6, 4, 7, 8, 5, 3, 2)),
+    "avx512": ((16,), (8, 7, 6, 4, 5, 3, 2)),
+}
 
 
-def _outer_product_conv(sch: s_tir.Schedule, conv, loops, target: Target) -> s_tir.Schedule:
-    """AArch64 (32 NEON registers): an SGEMM-like outer-product tile of 16 output channels (4
-    vectors) x up to 6 pixels of a row, ``fmla`` of a weight vector by one input value per pixel;
-    the weights of the tile's channels copied once per output row with the channels innermost (a
-    contiguous vector per tap), so neither operand is a strided gather (the row-vectorized tile
-    of :func:`schedule_fp32_conv` reads a stride-2 stem's input pixel by pixel)."""
+def outer_product_tile(target: Target):
+    """The outer-product register tile choices of ``target``'s fp32 convs (see
+    :data:`OUTER_TILES`), or None where the row-vectorized tile is kept (AVX2)."""
+    if is_aarch64(target):
+        return OUTER_TILES["aarch64"]
+    return OUTER_TILES["avx512"] if vector_lanes(target) == 16 else None
+
+
+def _outer_product_conv(sch: s_tir.Schedule, conv, loops, tile) -> s_tir.Schedule:
+    """An SGEMM-like outer-product register tile (``tile``: :data:`OUTER_TILES`), e.g. on AArch64 16
+    output channels (4 vectors) x up to 6 pixels of a row, ``fmla`` of a weight vector by one
+    input value per pixel (on AVX-512 one zmm of 16 channels x up to 8 pixels); the weights of
+    the tile's channels copied once per output row with the channels innermost (a contiguous
+    vector per tap), so neither operand is a strided gather (the row-vectorized tile of
+    :func:`schedule_fp32_conv` reads a stride-2 stem's input pixel by pixel)."""
     co, ow = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
-    ft = largest_divisor(co, [OUTER_CHANNELS, 8])
-    xt = largest_divisor(ow, OUTER_PIXELS)
+    ft = largest_divisor(co, list(tile[0]))
+    xt = largest_divisor(ow, list(tile[1]))
     consumers = _inline_consumers(sch, conv)
     outer, xo, fi, xi = _tile(sch, loops, ft, xt, channels_inner=True)
     weight = next(i for i, r in enumerate(sch.get(conv).reads)

@@ -325,21 +325,29 @@ def test_pool_default_schedule_matches_numpy(shape, kind, k, s, pad):
     np.testing.assert_allclose(out.numpy(), _pool_reference(xn, kind, k, s, pad), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("ci,co,hw,k,s", [(3, 16, 30, 7, 2), (3, 24, 17, 3, 1), (5, 8, 12, 3, 2)])
-def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s):
-    """The kept first layer (conv + bias + ReLU) with FP32ConvCPU's schedule, against numpy."""
+@pytest.mark.parametrize("ci,co,hw,k,s", [(3, 16, 30, 7, 2), (3, 24, 17, 3, 1), (5, 8, 12, 3, 2),
+                                          (3, 64, 32, 7, 2), (3, 32, 56, 7, 2)])
+@pytest.mark.parametrize("tname", ["host", "avx2"])
+def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, tname):
+    """The kept first layer (conv + bias + ReLU) with FP32ConvCPU's schedule, against numpy; on
+    AVX-512 a stem-like conv (16k output channels) takes the outer-product tile (the weights copied
+    channels-innermost: a ``w_global`` block), AVX2 keeps the row-vectorized one."""
     from tvm import te, topi
 
     from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
+
+    target = RUNNABLE[tname]
 
     pad = k // 2
     x = te.placeholder((1, ci, hw, hw), "float32", "x")
     wt = te.placeholder((co, ci, k, k), "float32", "w")
     b = te.placeholder((1, co, 1, 1), "float32", "b")
     y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
-    sch = schedule_fp32_conv(te.create_prim_func([x, wt, b, y]), HOST)
+    sch = schedule_fp32_conv(te.create_prim_func([x, wt, b, y]), target)
     assert sch is not None
-    lib = tvm.compile(sch.mod, target=HOST)
+    names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert ("w_global" in names) == (tname == "host" and HOST_ISA in ("avx512", "vnni") and co % 16 == 0)
+    lib = tvm.compile(sch.mod, target=target)
     rng = np.random.default_rng(1)
     xn, wn, bn = (rng.standard_normal(t).astype(np.float32) for t in ((1, ci, hw, hw), (co, ci, k, k), (1, co, 1, 1)))
     out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32))
