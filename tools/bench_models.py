@@ -51,6 +51,18 @@ class BenchModel:
     source: str               # what the weights are
 
 
+def subplot_grid(n: int, width: float, height: float):
+    """A headless (Agg) figure of n panels, at most three a row, each width x height inches: (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows_n = -(-n // cols)
+    return plt.subplots(rows_n, cols, figsize=(width * cols, height * rows_n), squeeze=False)
+
+
 def bench_cache() -> str:
     from dsconv_tvm.deploy.runtime import cache_root
 

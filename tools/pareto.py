@@ -159,15 +159,10 @@ def write_table(path: str, results: dict) -> None:
 
 
 def plot(path: str, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench_models import subplot_grid
 
     n = len(results)
-    cols = min(3, n)
-    rows_n = -(-n // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.0 * rows_n), squeeze=False)
+    fig, axes = subplot_grid(n, 5.2, 4.0)
     style = {"uniform": ("o-", "C0"), "mixed": ("s-", "C1"), "adapted": ("D", "C2"),
              "mixed adapted": ("^-", "C3"), "ORT int8": ("*", "r")}
     for ax, (name, rows) in zip(axes.flat, results.items()):

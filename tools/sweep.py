@@ -202,15 +202,10 @@ def write_table(out: str, results: dict) -> None:
 
 
 def plot(out: str, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench_models import subplot_grid
 
     n = len(results)
-    cols = min(3, n)
-    rows_n = -(-n // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
+    fig, axes = subplot_grid(n, 5.2, 4.2)
     marker = {"bits": "o", "block": "s", "mantissa": "^"}
     for ax, (name, rows) in zip(axes.flat, results.items()):
         for key, vals in LINES.items():
