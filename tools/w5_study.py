@@ -39,6 +39,7 @@ def db(ref: np.ndarray, err_energy: float) -> float:
 def study(name: str, x: np.ndarray, fits, log) -> list[dict]:
     from onnx import numpy_helper
 
+    from dsconv_tvm.scheme.metrics import sqnr_db
     from dsconv_tvm.scheme.weights import quantize_weight
 
     model = load_folded(str(REPO / "models" / f"{name}.onnx"))
@@ -58,7 +59,7 @@ def study(name: str, x: np.ndarray, fits, log) -> list[dict]:
                 e = run(build_sim(model, {n.input[1]: ws[n.input[1]]}), x).astype(np.float64) - ref
                 w = inits[n.input[1]]
                 alone[n.name] = {"output_sqnr_db": db(ref, float((e ** 2).sum())),
-                                 "weight_sqnr_db": db(w, float(((ws[n.input[1]] - w) ** 2).sum())),
+                                 "weight_sqnr_db": sqnr_db(w, ws[n.input[1]]),
                                  "energy": float((e ** 2).sum())}
             row = {"model": name, "fit": fit, "bits": b, "logit_sqnr_db": db(ref, float((d ** 2).sum())),
                    "mean_shift_share": float((d.mean(0) ** 2).sum() * len(d) / (d ** 2).sum()),

@@ -181,12 +181,12 @@ def output_sensitivity(loaded, choices: list[LayerChoice], config, x: np.ndarray
         w = weights[n]
         for b in sorted(c.bytes):
             wq = quantize_weight(w, b, c.block, config.fit, config.scale_dtype).dequantize()
-            c.weight_sqnr_db[b] = _sqnr(w, wq)
+            c.weight_sqnr_db[b] = sqnr_db(w, wq)
             out = run({**weights, n: wq.astype(np.float32)})
             c.sensitivity[b] = float(((out - ref) ** 2).sum()) / energy
         if log:
             log(f"sensitivity {i + 1}/{len(choices)} {c.name}: " +
-                " ".join(f"W{b} {10 * math.log10(1 / max(c.sensitivity[b], 1e-30)):.1f} dB"
+                " ".join(f"W{b} {_db(c.sensitivity[b]):.1f} dB"
                          for b in sorted(c.sensitivity)))
 
 
@@ -200,12 +200,13 @@ def weight_sensitivity(loaded, choices: list[LayerChoice], config) -> None:
         w = numpy_helper.to_array(inits[wnames[c.name]]).astype(np.float32)
         for b in sorted(c.bytes):
             wq = quantize_weight(w, b, c.block, config.fit, config.scale_dtype).dequantize()
-            c.weight_sqnr_db[b] = _sqnr(w, wq)
+            c.weight_sqnr_db[b] = sqnr_db(w, wq)
             c.sensitivity[b] = 10 ** (-c.weight_sqnr_db[b] / 10)
 
 
-def _sqnr(w, wq) -> float:
-    return float(sqnr_db(w, wq))
+def _db(sensitivity: float) -> float:
+    """A sensitivity (relative error energy) as an SQNR in dB, floored at 300 dB for plots and logs."""
+    return 10 * math.log10(1 / max(sensitivity, 1e-30))
 
 
 def choose_bits(model_path: str, config: DSConvConfig, weight_bytes: float,
@@ -310,13 +311,13 @@ def plot_allocation(a: Allocation, path: str) -> None:
     xs = np.arange(len(a.layers))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(xs) + 2), 4.5))
     for b in bits:
-        ax.plot(xs, [10 * math.log10(1 / max(c.sensitivity[b], 1e-30)) for c in a.layers], marker=".",
+        ax.plot(xs, [_db(c.sensitivity[b]) for c in a.layers], marker=".",
                 label=f"W{b}")
-    ax.scatter(xs, [10 * math.log10(1 / max(c.sensitivity[a.layer_bits[c.name]], 1e-30)) for c in a.layers],
+    ax.scatter(xs, [_db(c.sensitivity[a.layer_bits[c.name]]) for c in a.layers],
                s=90, facecolors="none", edgecolors="k", label="chosen", zorder=5)
     for x, c in zip(xs, a.layers):
         b = a.layer_bits[c.name]
-        ax.annotate(str(b), (x, 10 * math.log10(1 / max(c.sensitivity[b], 1e-30))),
+        ax.annotate(str(b), (x, _db(c.sensitivity[b])),
                     textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
     ax.set_xticks(xs)
     ax.set_xticklabels([c.name for c in a.layers], rotation=90, fontsize=6)
