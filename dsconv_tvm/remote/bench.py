@@ -23,6 +23,7 @@ import queue
 import shutil
 import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -174,9 +175,12 @@ class BoardRun:
         """One event of the worker (``None``: its output closed); :class:`RemoteError` on a failure."""
         res, key, p = self.res, self.key, self.params
         if ev is None:
-            code = self.worker.proc.wait(timeout=5)
+            try:
+                code = self.worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:     # output closed, process not gone: killed in close()
+                code = None
             tail = self.worker.stderr_tail()
-            if self.stage == "running the reference here" and code < 0:
+            if self.stage == "running the reference here" and code is not None and code < 0:
                 try:
                     sig = signal.Signals(-code).name
                 except ValueError:
@@ -379,6 +383,7 @@ def bench_all(library: str, tracker: str, key: str, repeat: int = 30, number: in
     runs = _bench_boards(library, tracker, key, None, repeat, number, timeout, session_timeout,
                          emulated, seed, reference, None, check, log)
     return sorted((r.res for r in runs), key=lambda r: (r.board is None, r.board or ""))
+
 
 def write_npz(path: str, x: np.ndarray, y: np.ndarray) -> None:
     atomic_write(path, lambda f: np.savez(f, input=x, output=y))

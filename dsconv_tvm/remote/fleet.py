@@ -5,7 +5,7 @@ Tuning measures MetaSchedule's candidates on all free boards of the key in paral
 so a board that dies only costs the candidate it was measuring, and the others go to the boards
 left).  Every finished candidate appends one line ``{"board": "HOST:PORT", "ok": bool, "t": end,
 "seconds": session}`` to a journal file (``tune``: ``WORK_DIR/logs/boards.jsonl``), which gives the
-per-board counts.  ``bench --all`` uses :func:`fleet_boards`.
+per-board counts.
 """
 
 from __future__ import annotations
