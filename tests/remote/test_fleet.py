@@ -288,6 +288,7 @@ def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
             c, f = counts()
             if c - c0 >= 2 and c - f > c0 - f0:
                 killed["survivor_sessions"] = fleet.sessions(0)
+                killed["victim_sessions"] = c
                 killed["at"] = time.time()
                 fleet.kill(1)
                 return
@@ -303,9 +304,14 @@ def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
     print(f"\nfleet kill: {res.boards}, {res.failures} failed ({res.first_error[-200:]!r}), {took:.0f} s")
     assert killed, "board 1 was never seen in a session"
     assert victim.proc.poll() is not None and not _tree_alive(victim.proc.pid)
-    # the run completed; the in-flight candidate(s) of the dead board failed, nothing else
-    assert 1 <= res.failures <= 2, (res.failures, res.first_error)
-    assert res.boards[victim.address]["measured"] >= 1
+    # the run completed; at most the dead board's in-flight candidate(s) failed, nothing else.  The
+    # kill may land after the board sent its last reply but before its log says "finish serving":
+    # then nothing fails; either way the dead board measured only what it had started before the kill
+    started = killed["victim_sessions"] - c0
+    assert res.failures <= 2, (res.failures, res.first_error)
+    v = res.boards[victim.address]
+    assert 1 <= v["measured"] <= started, (v, started)
+    assert res.failures == v["failed"]
     assert res.boards[survivor.address]["failed"] == 0
     assert fleet.sessions(0) > killed["survivor_sessions"]      # the survivor measured the rest
     recs = _records(work)
