@@ -11,11 +11,12 @@ inside the compiled graph from the real input):
    and the mantissa expression each backend stores in its own layout;
 3. (backend) integer dot products over one block at one kernel tap;
 4. ``dsconv_out``  float32 sum over blocks and taps of int * xi * scale  (:func:`block_scaled_sum`)
-5. ``dsconv_epilogue``  + bias, + residual, then the activation (none / relu)  (:func:`epilogue`)
+5. ``dsconv_epilogue``  + bias, + residual, then the activation (none / relu / relu6)  (:func:`epilogue`)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,7 +208,7 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
 
     if layer.activation not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {layer.activation!r}")
-    zero = tirx.const(0.0, "float32")
+    lower, upper = ACTIVATIONS[layer.activation]
 
     def _epilogue(nn, o, p, q):
         v = out[nn, o, p, q]
@@ -215,8 +216,10 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
             v = v + bias[o]
         if residual is not None:
             v = v + (residual(nn, o, p, q) if callable(residual) else residual[nn, o, p, q])
-        if layer.activation == "relu":
-            v = tirx.max(v, zero)
+        if lower > -math.inf:              # the activation: a clamp (relu: max(v, 0); relu6: then min(., 6))
+            v = tirx.max(v, tirx.const(lower, "float32"))
+        if upper < math.inf:
+            v = tirx.min(v, tirx.const(upper, "float32"))
         return v
 
     return te.compute(layer.out_shape, _epilogue, name="dsconv_epilogue", attrs=attrs)
@@ -225,7 +228,7 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
 def layer_primfunc(tensors: list, attr: str):
     """The PrimFunc of a layer's TE ``tensors`` (inputs, then the output), marked as DSConv with the
     backend's description ``attr`` and opaque to fusion (op_pattern 8 = kOpaque: FuseOps leaves the
-    call alone; the layer's own epilogue does bias / residual / ReLU)."""
+    call alone; the layer's own epilogue does bias / residual / activation)."""
     from tvm import te
 
     func = te.create_prim_func(tensors).without_attr("global_symbol")

@@ -6,27 +6,33 @@ the model is imported and constants are folded.  For every ``R.nn.conv2d`` with 
 
 * quantizes the weight (VQK + KDS, :mod:`dsconv_tvm.scheme.weights`) and packs it in the target
   backend's layout (two 4-bit values a byte),
-* absorbs a following per-channel bias ``add`` and a ``relu`` when the conv output has no other user,
+* absorbs a following per-channel bias ``add`` and an activation (relu, relu6: a clamp to constant
+  bounds, e.g. ONNX Relu or Clip(0, 6), which the frontend imports as maximum/minimum) when the conv
+  output has no other user,
 * absorbs a residual ``add`` too where the backend's kernels fuse it,
 * emits one ``R.call_tir`` to the backend's DSConv PrimFunc (:mod:`dsconv_tvm.backends`) that quantizes the input
   to block floating point at run time, does the int32 block dot products and the float scaling.
 
 Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
 The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
-ReLU, possibly through pooling/reshapes) and ``config.unsigned_after_relu`` is set.
+ReLU or a Clip with a lower bound >= 0, possibly through pooling/reshapes) and
+``config.unsigned_after_relu`` is set.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm import relax, tirx
 
 from ..backends.base import Backend, backend_for
 from ..config import DSConvConfig
 from ..errors import DSConvError
 from ..scheme.geometry import ConvGeometry
-from ..scheme.layer import DSConvLayer
+from ..scheme.layer import DSConvLayer, activation_for_bounds
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
 from .chain import PlannedLayer, chain_layers
@@ -62,25 +68,90 @@ def _is_call(expr, op_name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name
 
 
-def _nonneg_vars(bindings: dict) -> set:
-    """Vars whose values are provably >= 0 (ReLU outputs and what only moves/pools them)."""
-    nonneg = set()
+def _scalar(expr, bindings) -> float | None:
+    """The value of a constant scalar (a one-element constant tensor or an immediate), else None."""
+    if isinstance(expr, (tirx.IntImm, tirx.FloatImm)):
+        return float(expr.value)
+    value = _const_value(expr, bindings)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def _is_topi_scalar_op(func, op: str, args: list) -> bool:
+    """Whether the PrimFunc ``func`` called with ``args`` (a float tensor and a constant scalar, in
+    either order) is TOPI's elementwise ``op`` (maximum / minimum) of them, as the ONNX frontend
+    emits Clip: compared with the PrimFunc TE makes of it."""
+    from tvm import te, topi
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    ins = []
+    for arg in args:
+        shape = _static_shape(arg)
+        if shape is None:
+            return False
+        ins.append(te.placeholder([tirx.IntImm("int64", d) for d in shape], str(arg.ty.dtype)))
+    ref = te.create_prim_func([*ins, getattr(topi, op)(*ins)]).without_attr("global_symbol")
+    return tvm_ffi.structural_equal(func, ref)
+
+
+def _clamps(bindings: dict, mod) -> dict:
+    """var -> (x, lower, upper) for the bindings that clamp a float32 tensor x to constant bounds:
+    relu, clip, maximum / minimum with a constant scalar in either order (a Relax op, or the ONNX
+    frontend's call_tir of TOPI's PrimFunc in ``mod``); the activations a layer may absorb."""
+    clamps = {}
     for var, value in bindings.items():
+        if not isinstance(value, relax.Call) or _static_shape(var) is None or str(var.ty.dtype) != "float32":
+            continue
+        if _is_call(value, "relax.nn.relu"):
+            clamps[var] = (value.args[0], 0.0, math.inf)
+            continue
+        if _is_call(value, "relax.clip"):
+            lo, hi = (_scalar(a, bindings) for a in value.args[1:3])
+            if lo is not None and hi is not None:
+                clamps[var] = (value.args[0], lo, hi)
+            continue
+        if _is_call(value, "relax.maximum") or _is_call(value, "relax.minimum"):
+            op, args = value.op.name[len("relax."):], list(value.args)
+        elif _is_call(value, "relax.call_tir") and len(value.args) == 2 and isinstance(value.args[1], relax.Tuple) \
+                and len(value.args[1].fields) == 2:
+            args = list(value.args[1].fields)
+            op = next((o for o in ("maximum", "minimum") if value.args[0].name_hint.startswith(o)), None)
+        else:
+            continue
+        for x, c in (args, args[::-1]):
+            bound = _scalar(c, bindings)
+            if op is None or bound is None or _static_shape(x) != _static_shape(var):
+                continue
+            if _is_call(value, "relax.call_tir") and not _is_topi_scalar_op(mod[value.args[0]], op, args):
+                break
+            clamps[var] = (x, bound, math.inf) if op == "maximum" else (x, -math.inf, bound)
+            break
+    return clamps
+
+
+def _nonneg_vars(bindings: dict, clamps: dict) -> set:
+    """Vars whose values are provably >= 0 (ReLU / Clip(lower >= 0) outputs and what only moves/pools
+    them); ``clamps`` from :func:`_clamps`."""
+    nonneg = set()
+
+    def nonneg_arg(a):
+        return a in nonneg or (_const_value(a, bindings) is not None and float(np.min(_const_value(a, bindings))) >= 0)
+
+    for var, value in bindings.items():
+        if var in clamps:
+            x, lower, upper = clamps[var]
+            if lower >= 0 or (x in nonneg and upper >= 0):
+                nonneg.add(var)
+            continue
         if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
             continue
         name = value.op.name
         args = list(value.args)
-        if name == "relax.nn.relu":
+        if name in _NONNEG_PASSTHROUGH and args and args[0] in nonneg:
             nonneg.add(var)
-        elif name == "relax.clip":
-            lo = _const_value(args[1], bindings) if len(args) > 1 else None
-            if lo is not None and float(np.min(lo)) >= 0:
-                nonneg.add(var)
-        elif name in _NONNEG_PASSTHROUGH and args and args[0] in nonneg:
+        elif name in ("relax.add", "relax.minimum", "relax.multiply") and all(nonneg_arg(a) for a in args):
             nonneg.add(var)
-        elif name in ("relax.add", "relax.maximum", "relax.multiply") and all(
-                a in nonneg or (_const_value(a, bindings) is not None
-                                and float(np.min(_const_value(a, bindings))) >= 0) for a in args):
+        elif name == "relax.maximum" and any(nonneg_arg(a) for a in args):
             nonneg.add(var)
         elif name == "relax.concat" and isinstance(args[0], relax.Tuple) and all(
                 f in nonneg for f in args[0].fields):
@@ -125,14 +196,14 @@ class DSConvRewrite:
             bb = relax.BlockBuilder(mod)
             for gv, func in list(mod.functions_items()):
                 if isinstance(func, relax.Function):
-                    bb.update_func(gv, self._rewrite_function(bb, func))
+                    bb.update_func(gv, self._rewrite_function(bb, func, mod))
             return bb.get()
         except DSConvError as exc:
             self.error = exc
             raise
 
     # -- analysis ---------------------------------------------------------------------------
-    def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+    def _rewrite_function(self, bb: relax.BlockBuilder, func: relax.Function, mod) -> relax.Function:
         bindings, uses, users, order = {}, {}, {}, []
 
         def counter(user):
@@ -150,7 +221,8 @@ class DSConvRewrite:
                     order.append(binding.var)
                     relax.analysis.post_order_visit(binding.value, counter(binding.var))
         relax.analysis.post_order_visit(func.body.body, counter(None))
-        nonneg = _nonneg_vars(bindings)
+        clamps = _clamps(bindings, mod)
+        nonneg = _nonneg_vars(bindings, clamps)
 
         plans = {}            # final var of a chain -> new expression
         dropped = set()       # intermediate vars absorbed into a chain
@@ -170,7 +242,8 @@ class DSConvRewrite:
                 conv_index += 1
             else:
                 continue
-            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, nonneg, first, claimed, dense)
+            plan = self._plan_conv(bb, name, var, value, bindings, uses, users, (nonneg, clamps), first, claimed,
+                                   dense)
             if plan is None:
                 continue
             end_var, new_expr, absorbed, residual = plan
@@ -192,10 +265,12 @@ class DSConvRewrite:
         mutator = _Replace(plans, dropped)
         return mutator.visit_expr(func)
 
-    def _plan_conv(self, bb, name, var, call, bindings, uses, users, nonneg, first, claimed, dense=False):
+    def _plan_conv(self, bb, name, var, call, bindings, uses, users, facts, first, claimed, dense=False):
         """Plan one conv2d (or, ``dense``, one matmul ``x[N, K] @ W[K, OUT]`` run as a 1x1 conv on
-        ``x`` reshaped to ``[N, K, 1, 1]``) and the ops it absorbs."""
+        ``x`` reshaped to ``[N, K, 1, 1]``) and the ops it absorbs; ``facts``: the function's
+        non-negative vars and clamps (:func:`_nonneg_vars`, :func:`_clamps`)."""
         cfg = self.config
+        nonneg, clamps = facts
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
         w = _const_value(weight, bindings)
@@ -232,7 +307,7 @@ class DSConvRewrite:
         if first and cfg.first_layer == "keep":
             return keep("first layer (input image); policy first_layer=keep")
 
-        # absorb bias add and relu when this conv feeds only them
+        # absorb bias add and the activation when this conv feeds only them
         end, absorbed, fused = var, [], []
         bias = None
         co = int(w.shape[0])
@@ -270,12 +345,19 @@ class DSConvRewrite:
                 end = nxt
                 fused.append("residual")
                 nxt = next_op(end)
-        activation = "none"
-        if nxt is not None and _is_call(bindings[nxt], "relax.nn.relu"):
+        # the activation: the clamps that follow (relu6: maximum(., 0) then minimum(., 6)) while
+        # together they are one of the kernels' activations
+        activation, lower, upper = "none", -math.inf, math.inf
+        while nxt is not None and nxt in clamps and clamps[nxt][0].same_as(end):
+            lo, hi = max(lower, clamps[nxt][1]), min(upper, clamps[nxt][2])
+            named = activation_for_bounds(lo, hi)
+            if named is None:
+                break
             absorbed.append(end)
-            end = nxt
-            activation = "relu"
-            fused.append("relu")
+            end, activation, lower, upper = nxt, named, lo, hi
+            nxt = next_op(end)
+        if activation != "none":
+            fused.append(activation)
 
         if dense:
             geom = ConvGeometry()

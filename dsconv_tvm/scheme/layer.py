@@ -4,12 +4,15 @@ weights and stores mantissas its own way."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .bfp import num_blocks
 from .geometry import ConvGeometry
 
-ACTIVATIONS = ("none", "relu")
+#: The activations a layer's epilogue applies, each a clamp to constant bounds [lower, upper]
+#: (infinite: that side is not clamped).  Named, not free bounds: a kernel is specialised on the name.
+ACTIVATIONS = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
 ACT_DTYPES = ("uint8", "int8")
 
 
@@ -75,3 +78,11 @@ class DSConvLayer:
         """Integer multiply-accumulates of one call (the float conv's MAC count)."""
         n, co, oh, ow = self.out_shape
         return n * co * oh * ow * self.in_shape[1] * self.kernel[0] * self.kernel[1]
+
+
+def activation_for_bounds(lower: float, upper: float) -> str | None:
+    """The activation that clamps to [lower, upper] (None when no activation does: not absorbed)."""
+    for name, bounds in ACTIVATIONS.items():
+        if bounds == (float(lower), float(upper)):
+            return name
+    return None

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import NumericsError
 from .bfp import bfp_quantize, block_scales
 from .geometry import ConvGeometry, windows
+from .layer import ACTIVATIONS
 
 
 def dsconv2d(x: np.ndarray, q: np.ndarray, xi: np.ndarray, block: int, mantissa: int,
@@ -57,6 +58,15 @@ def dsconv2d(x: np.ndarray, q: np.ndarray, xi: np.ndarray, block: int, mantissa:
     if bias is not None:
         y += bias.astype(np.float32)[None, :, None, None]
     return y
+
+
+def activate(y: np.ndarray, activation: str) -> np.ndarray:
+    """``y`` after a layer's activation (:data:`dsconv_tvm.scheme.layer.ACTIVATIONS`: a clamp)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}")
+    if activation == "none":
+        return y
+    return np.clip(y, *ACTIVATIONS[activation]).astype(y.dtype, copy=False)
 
 
 def reference_model(loaded, report, mantissa: int, block: int):

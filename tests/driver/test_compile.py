@@ -110,3 +110,64 @@ def test_fused_bfp_residual_stream_changes_no_bit(tmp_path):
     assert {"out+fp32-nhwc", "fp32-nhwc", "out", "in"} <= set(kinds)
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
+
+
+def relu6_model(path):
+    """MobileNetV2's pattern: Conv -> Clip(0, 6) (bounds as inputs, opset 13), a 1x1 expansion, a
+    3x3 conv added to the block's input then clipped, and a Clip with only a lower bound (a relu)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+
+    def t(name, *shape, s=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+    inits = [t("w0", 16, 3, 3, 3), t("b0", 16), t("w1", 32, 16, 1, 1), t("b1", 32), t("w2", 16, 32, 3, 3, s=0.1),
+             t("b2", 16), t("w3", 16, 16, 1, 1), numpy_helper.from_array(np.array(0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="stem"),
+        n("Clip", ["c0", "lo", "hi"], ["r0"]),
+        n("Conv", ["r0", "w1", "b1"], ["c1"], name="expand"),
+        n("Clip", ["c1", "lo", "hi"], ["r1"]),
+        n("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv3x3"),
+        n("Add", ["c2", "r0"], ["s2"]),
+        n("Clip", ["s2", "lo", "hi"], ["r2"]),
+        n("Conv", ["r2", "w3"], ["c3"], name="head"),
+        n("Clip", ["c3", "lo", ""], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "relu6",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 10, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_clip_is_fused_into_the_epilogue_and_matches_reference(tmp_path):
+    """Every Clip(0, 6) (and the Clip that is a relu) is in its conv's epilogue, no separate
+    maximum/minimum kernel is left, the layers after them read unsigned mantissas, chained in BFP,
+    and the .so equals the numpy DSConv reference model (with ONNX's Clip) and the unfused .so."""
+    import numpy as np
+
+    from dsconv_tvm.driver.compile import build_relax
+    from dsconv_tvm.execute.runner import predict
+    from dsconv_tvm.frontend.onnx import load_onnx
+    from dsconv_tvm.target import get_target
+
+    path = relu6_model(str(tmp_path / "relu6.onnx"))
+    cfg = DSConvConfig(block=16, first_layer="dsconv")
+    result, _ = compiled_vs_reference(path, str(tmp_path / "f.so"), cfg)
+    layers = {layer.name: (layer.fused, layer.unsigned, layer.bfp) for layer in result.report.converted}
+    assert layers == {"stem": (("bias", "relu6"), False, ("out+fp32-nhwc",)),
+                      "expand": (("bias", "relu6"), True, ("in", "out")),
+                      "conv3x3": (("bias", "residual", "relu6"), True, ("in", "out")),
+                      "head": (("relu",), True, ("in",))}
+    mod, _ = build_relax(load_onnx(path), cfg, get_target("x86"))
+    text = mod["main"].script(show_meta=False)
+    assert text.count("R.call_tir") == 4 and "maximum" not in text and "minimum" not in text
+    compile_model(path, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32) * 3
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))

@@ -1,6 +1,7 @@
 """The DSConvRewrite Relax pass on hand-built Relax modules."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 
@@ -207,3 +208,55 @@ def test_dense_layer_as_1x1_dsconv():
     qw = quantize_weight(w4, 4, 16, "l2")
     ref = np.maximum(dsconv2d(x.reshape(3, 40, 1, 1), qw.q, qw.xi, 16, 8, ConvGeometry(), b, unsigned=False), 0)
     np.testing.assert_allclose(run(new, x), ref.reshape(3, 12), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _relu6_forms():
+    """Clip(0, 6) in the forms a model may bring: maximum then minimum (either argument order), clip."""
+    zero, six = relax.const(np.float32(0)), relax.const(np.float32(6))
+    return {
+        "max-min": lambda bb, y: relax.op.minimum(bb.emit(relax.op.maximum(y, zero)), six),
+        "swapped": lambda bb, y: relax.op.minimum(six, bb.emit(relax.op.maximum(zero, y))),
+        "clip": lambda bb, y: relax.op.clip(y, 0.0, 6.0),
+    }
+
+
+@pytest.mark.parametrize("form", list(_relu6_forms()))
+def test_relu6_is_absorbed_and_its_output_is_nonnegative(form):
+    """conv -> +bias -> clip(0, 6) -> conv: one DSConv call each, the clip in the first one's epilogue
+    (values as the float graph's clip of the reference), and the second reads unsigned mantissas."""
+    from dsconv_tvm.scheme.geometry import ConvGeometry
+    from dsconv_tvm.scheme.reference import dsconv2d
+    w = (rng.standard_normal((16, 16, 3, 3)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.5).astype(np.float32)
+    clip = _relu6_forms()[form]
+
+    def first(bb, x):
+        return clip(bb, bb.emit(relax.op.add(conv(x, relax.const(w), padding=1), relax.const(b.reshape(1, 16, 1, 1)))))
+
+    def body(bb, x):
+        return relax.op.nn.relu(conv(bb.emit(first(bb, x)), const(16, 16, 1, 1)))
+    cfg = DSConvConfig(first_layer="dsconv", block=8)
+    p = DSConvRewrite(cfg)
+    new = p(build(body))
+    assert [(l.fused, l.activation, l.unsigned) for l in p.report.layers] == [
+        (("bias", "relu6"), "relu6", False), (("relu",), "relu", True)]
+    assert calls(new, "R.call_tir") == 2 and all(calls(new, op) == 0 for op in ("R.maximum", "R.minimum", "R.clip"))
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32) * 4
+    one = DSConvRewrite(cfg)(build(first))
+    qw = quantize_weight(w, 4, 8, cfg.fit)
+    ref = np.clip(dsconv2d(x, qw.q, qw.xi, 8, 8, ConvGeometry((1, 1), (1, 1, 1, 1)), b), 0, 6)
+    assert ref.max() == 6 and ref.min() == 0                          # both bounds are reached
+    np.testing.assert_allclose(run(one, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_maximum_with_zero_is_relu_and_other_clips_stay():
+    """maximum(x, 0) alone is a relu; clip(x, 0, 1) (no such activation) is left as it is, and its
+    output is still known to be >= 0."""
+    def body(bb, x):
+        y = bb.emit(relax.op.maximum(conv(x, const(16, 16, 3, 3), padding=1), relax.const(np.float32(0))))
+        z = bb.emit(relax.op.clip(conv(y, const(16, 16, 1, 1)), 0.0, 1.0))
+        return conv(z, const(16, 16, 1, 1))
+    p = DSConvRewrite(DSConvConfig(first_layer="dsconv", block=8))
+    new = p(build(body))
+    assert [(l.fused, l.unsigned) for l in p.report.layers] == [(("relu",), False), ((), True), ((), True)]
+    assert calls(new, "R.clip") == 1 and calls(new, "R.maximum") == 0

@@ -13,7 +13,7 @@ from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import layer_params, pack_weights, unpack_weights
 from dsconv_tvm.scheme.geometry import ConvGeometry
-from dsconv_tvm.scheme.reference import dsconv2d
+from dsconv_tvm.scheme.reference import activate, dsconv2d
 from dsconv_tvm.backends.cpu.intrinsics import isa_of
 from dsconv_tvm.backends.cpu.schedule import dot_intrin, schedule_dsconv_cpu, tile_options
 from dsconv_tvm.backends.common import is_dsconv
@@ -61,8 +61,7 @@ def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, target=HOS
     ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
     if res is not None:
         ref = ref + res
-    if layer.activation == "relu":
-        ref = np.maximum(ref, 0)
+    ref = activate(ref, layer.activation)
     # scale of the float sum: the sum of |terms| bounds its rounding error
     absref = dsconv2d(np.abs(x), np.abs(qw.q.astype(np.int16)), np.abs(qw.xi), layer.block, layer.mantissa, layer.geom,
                       None, layer.unsigned)
@@ -83,6 +82,7 @@ CASES = [
     ((1, 40, 9, 9), 24, (3, 3), (2, 2), (0, 1, 2, 1), (1, 1), 4, 32, 8, False, True, "none"),  # partial block
     ((1, 16, 8, 8), 16, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 2, 16, 4, True, False, "relu"),
     ((1, 24, 8, 11), 20, (1, 3), (1, 2), (0, 1, 0, 1), (1, 1), 5, 8, 7, False, True, "relu"),  # non-square
+    ((1, 32, 6, 6), 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4, 32, 8, True, True, "relu6"),
     ((1, 33, 6, 6), 17, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 64, 8, True, False, "none"),  # B > C
 ]
 

@@ -17,7 +17,7 @@ from dsconv_tvm.backends.cpu.schedule import schedule_dsconv_cpu
 from dsconv_tvm.remote.tracker import board_session
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.layer import BFPFormat, DSConvLayer
-from dsconv_tvm.scheme.reference import dsconv2d
+from dsconv_tvm.scheme.reference import activate, dsconv2d
 from dsconv_tvm.scheme.weights import quantize_weight
 from dsconv_tvm.target import get_target
 
@@ -35,7 +35,7 @@ PRODUCERS = [
     ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, True, False, "relu", (32, 8, False)),  # int8, no sums
     ((1, 16, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 16, True, False, "none", (4, 6, False)),   # 4 < 8 slots
     ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, True, "relu", (32, 8, True)),    # crumbs
-    ((1, 16, 6, 6), 24, (1, 1), (1, 1), (0, 0, 0, 0), 2, 16, False, False, "relu", (8, 8, True)),  # 8 < 16 slots
+    ((1, 16, 6, 6), 24, (1, 1), (1, 1), (0, 0, 0, 0), 2, 16, False, False, "relu6", (8, 8, True)),  # 8 < 16 slots
 ]
 
 
@@ -120,7 +120,7 @@ def reference_output(layer, x, qw, bias, res):
     ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
     if res is not None:
         ref = ref + res
-    return np.maximum(ref, 0) if layer.activation == "relu" else ref
+    return activate(ref, layer.activation)
 
 
 def check_producer(layer, outs, x, qw, bias, res, bfp_only=None):

@@ -15,7 +15,7 @@ from dsconv_tvm.backends.cuda import ptx as ptx_module
 from dsconv_tvm.errors import TargetError
 from dsconv_tvm.scheme.layer import DSConvLayer
 from dsconv_tvm.scheme.geometry import ConvGeometry
-from dsconv_tvm.scheme.reference import dsconv2d
+from dsconv_tvm.scheme.reference import activate, dsconv2d
 from dsconv_tvm.target import get_target
 from dsconv_tvm.scheme.weights import quantize_weight
 
@@ -29,6 +29,7 @@ CASES = [
     ((2, 9, 6, 6), 4, (3, 3), (2, 2), (1, 1, 1, 1), 4, 5, 8, False, False, "none"),
     ((1, 12, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 8, 6, 7, True, True, "none"),
     ((1, 7, 6, 6), 3, (3, 3), (1, 1), (2, 2, 2, 2), 3, 3, 6, False, True, "relu"),
+    ((1, 16, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 4, 16, 8, True, True, "relu6"),
 ]
 
 
@@ -50,8 +51,7 @@ def _data(layer: DSConvLayer, seed: int = 0):
     if bias is not None:
         args.append(bias)
     ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
-    if layer.activation == "relu":
-        ref = np.maximum(ref, 0)
+    ref = activate(ref, layer.activation)
     absref = dsconv2d(np.abs(x), np.abs(qw.q.astype(np.int16)), np.abs(qw.xi), layer.block, layer.mantissa,
                       layer.geom, None, layer.unsigned)
     atol = 2e-6 * layer.groups * layer.kernel[0] * layer.kernel[1] * float(absref.max()) + 1e-30
