@@ -100,9 +100,9 @@ def dsconv_te(layer: DSConvLayer):
     else:
         x = te.placeholder((n, c, h, w), "float32", name="x")
         inputs = [x]
-        # the ARM quantization pass is vectorized (x86 keeps the serial rounding loop it was
-        # measured and tuned with)
-        bfp = bfp_stages(x, layer, _OTHER, vector_rint=signed)
+        # the quantization pass vectorized (tirx.round: the same half-to-even integers as
+        # nearbyint, which would make the loop serial)
+        bfp = bfp_stages(x, layer, _OTHER, vector_rint=True)
         bfp_m = stored_mantissas(bfp, layer, "bfp_m")
         bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if sums else None
         mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
@@ -231,8 +231,8 @@ def quantized_output(layer: DSConvLayer, y) -> list:
     need them, mantissa sums ``next_sum``."""
     fmt, view = layer.bfp_output, output_view(layer)
     whole = view.in_shape[1] % fmt.block == 0 and fmt.slots == fmt.block
-    # rounded like the consumers' own quantization pass would (ARM: the vectorizable tirx.round)
-    stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole, vector_rint=signed_dot(view))
+    # rounded like the consumers' own quantization pass (the vectorizable tirx.round)
+    stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole, vector_rint=True)
     mant = stored_mantissas(stages, view, "next_m", fmt.slots)
     return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if fmt.sums else [])
 
