@@ -123,7 +123,8 @@ def layer_sqnr(model_path: str, config: DSConvConfig, x: np.ndarray, batch: int,
         ref = ort_outputs(probe.SerializeToString(), x)
     if len(ours) != len(names) + 1 or len(ref) != len(names) + 1:
         raise ModelError(f"{model_path}: the probe model has {len(ours)} outputs, expected {len(names) + 1}")
-    return [LayerSQNR(n, n in converted, sqnr_db(r, o)) for n, r, o in zip(names, ref[1:], ours[1:])]
+    return [LayerSQNR(n, n in converted or f"{n}/g0" in converted, sqnr_db(r, o))    # /g0: a grouped conv
+            for n, r, o in zip(names, ref[1:], ours[1:])]
 
 
 def evaluate(model_path: str, x: np.ndarray, labels: np.ndarray | None, config: DSConvConfig,

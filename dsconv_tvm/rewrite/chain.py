@@ -48,6 +48,16 @@ class PlannedLayer:
         return [relax.TensorType([int(d) for d in b.shape], str(b.dtype)) for b in bufs]
 
 
+@dataclasses.dataclass
+class GroupedConv:
+    """A grouped conv as planned: ``data`` split along the channels into ``len(groups)`` parts, one
+    PlannedLayer (its ``data`` unset) on each, their outputs concatenated.  Not chained: its layers
+    read and write float32."""
+
+    data: object
+    groups: list
+
+
 def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict, input_format,
                  with_fp32: bool = False) -> int:
     """Set the fused-BFP fields of the planned layers (``plans``: (output var, plan) in binding

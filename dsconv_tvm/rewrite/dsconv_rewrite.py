@@ -2,7 +2,7 @@
 
 It is an ordinary ``tvm.transform.Pass`` (a module pass) and can sit in any Relax pipeline after
 the model is imported and constants are folded.  For every ``R.nn.conv2d`` with a constant weight
-(NCHW / OIHW, groups = 1, static shapes, float32) it
+(NCHW / OIHW, static shapes, float32, not depthwise) it
 
 * quantizes the weight (VQK + KDS, :mod:`dsconv_tvm.scheme.weights`) and packs it in the target
   backend's layout (two 4-bit values a byte),
@@ -12,6 +12,9 @@ the model is imported and constants are folded.  For every ``R.nn.conv2d`` with 
 * absorbs a residual ``add`` too where the backend's kernels fuse it,
 * emits one ``R.call_tir`` to the backend's DSConv PrimFunc (:mod:`dsconv_tvm.backends`) that quantizes the input
   to block floating point at run time, does the int32 block dot products and the float scaling.
+
+A grouped conv (1 < groups < channels) becomes split, one DSConv layer per group (``<name>/g0``, ...:
+its weights, input channels, bias slice, activation; float32 in and out, no residual), concat.
 
 Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
 The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
@@ -35,7 +38,7 @@ from ..scheme.geometry import ConvGeometry
 from ..scheme.layer import DSConvLayer, activation_for_bounds
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
-from .chain import PlannedLayer, chain_layers
+from .chain import GroupedConv, PlannedLayer, chain_layers
 from .report import ConversionReport, LayerReport
 
 _NONNEG_PASSTHROUGH = {
@@ -255,9 +258,10 @@ class DSConvRewrite:
 
         if not plans:
             return func
-        if self.config.fuse_bfp and self.backend.fuses_bfp:
-            chain_layers(list(plans.items()), uses, self.backend.bfp_format)
-        for plan in plans.values():
+        if self.config.fuse_bfp and self.backend.fuses_bfp:     # grouped convs: float in, float out
+            chain_layers([(v, p) for v, p in plans.items() if isinstance(p, PlannedLayer)], uses,
+                         self.backend.bfp_format)
+        for plan in (g for p in plans.values() for g in (p.groups if isinstance(p, GroupedConv) else [p])):
             prim = self.backend.primfunc(plan.layer)
             plan.gv = bb.add_func(prim, f"dsconv_{_ident(plan.name)}")
             plan.outputs = plan.out_sinfo(prim)
@@ -301,7 +305,7 @@ class DSConvRewrite:
         if groups != 1:
             if groups == in_shape[1]:
                 return keep(f"depthwise conv (groups={groups}); policy depthwise={cfg.depthwise}")
-            return keep(f"grouped conv (groups={groups}) is kept in float")
+            # else one DSConv layer per group (Relax's conv2d checks the channels divide by the groups)
         if str(data.ty.dtype) != "float32" or w.dtype != np.float32:
             return keep(f"dtype {data.ty.dtype} (only float32)")
         if first and cfg.first_layer == "keep":
@@ -333,7 +337,8 @@ class DSConvRewrite:
                 nxt = next_op(end)
         # a residual add (another tensor of the output's shape, computed before this conv's user)
         residual = None
-        if nxt is not None and self.backend.fuses_residual and not dense and _is_call(bindings[nxt], "relax.add"):
+        if nxt is not None and self.backend.fuses_residual and not dense and groups == 1 and \
+                _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
@@ -366,10 +371,25 @@ class DSConvRewrite:
             dilation = tuple(int(d) for d in attrs.dilation)
             geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
         unsigned = cfg.unsigned_after_relu and data in nonneg
+        bits = cfg.bits_for(name)            # mixed precision: a per-layer override (a grouped conv's node name)
+        if groups == 1:
+            plan = self._layer(name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual,
+                               dense)
+            return end, plan, absorbed, residual
+        # one layer per group: its weights, its input channels, its slice of the bias
+        ci, cg = int(in_shape[1]) // groups, co // groups
+        plans = [self._layer(f"{name}/g{g}", None, w[g * cg:(g + 1) * cg], (in_shape[0], ci, *in_shape[2:]),
+                             None if bias is None else bias[g * cg:(g + 1) * cg], geom, bits, unsigned,
+                             activation, fused, None, False) for g in range(groups)]
+        return end, GroupedConv(data, plans), absorbed, None
+
+    def _layer(self, name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual, dense):
+        """Quantize one layer's weight ``w`` (OIHW), report it and plan its call (a PlannedLayer)."""
+        cfg = self.config
+        co = int(w.shape[0])
         # a block wider than the layer's input is one block of all its channels: the same scales,
         # mantissas and exponents as block = C, without packing and multiplying empty slots
         block = min(cfg.block, int(in_shape[1]))
-        bits = cfg.bits_for(name)            # mixed precision: a per-layer override
         try:
             qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
         except DSConvError as exc:                # name the layer
@@ -387,8 +407,7 @@ class DSConvRewrite:
         # the PrimFunc and the call are made once every layer is planned (chain_layers may make it
         # write or read BFP); a dense layer is emitted as reshape to [N, K, 1, 1], the 1x1 DSConv,
         # reshape back
-        plan = PlannedLayer(name, layer, data, [relax.const(a) for a in params], residual, dense, report)
-        return end, plan, absorbed, residual
+        return PlannedLayer(name, layer, data, [relax.const(a) for a in params], residual, dense, report)
 
 
 def _single_user(var, uses, users):
@@ -422,6 +441,13 @@ class _Replace(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         emit = self.builder_.emit
+        if isinstance(plan, GroupedConv):
+            parts = emit(relax.op.split(self.visit_expr(plan.data), len(plan.groups), axis=1))
+            outs = [emit(relax.call_tir(g.gv, [emit(relax.TupleGetItem(parts, i)), *g.consts], g.outputs[0]))
+                    for i, g in enumerate(plan.groups)]
+            value = relax.op.concat(outs, axis=1)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+            return
         layer = plan.layer
         if plan.dense:
             n, k = (int(d) for d in plan.data.ty.shape)

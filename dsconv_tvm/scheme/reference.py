@@ -72,7 +72,9 @@ def activate(y: np.ndarray, activation: str) -> np.ndarray:
 def reference_model(loaded, report, mantissa: int, block: int):
     """A callable running the whole (BN-folded) ONNX model in numpy with ``onnx.reference``, every
     converted Conv replaced by :func:`dsconv2d` with the same quantized weights as the compiled
-    model.  ``report`` is the :class:`dsconv_tvm.rewrite.report.ConversionReport` of the compile."""
+    model.  ``report`` is the :class:`dsconv_tvm.rewrite.report.ConversionReport` of the compile;
+    a grouped Conv converted as one layer per group (``<name>/g0``, ...) runs as those layers on
+    their slices of the input channels, concatenated."""
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.ops.op_conv import Conv as _OnnxConv
 
@@ -83,14 +85,17 @@ def reference_model(loaded, report, mantissa: int, block: int):
 
         def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
                  pads=None, strides=None):
-            layer = converted.get(self.onnx_node.name)
-            if layer is None:
+            name = self.onnx_node.name
+            layers = [converted[name]] if name in converted else \
+                [converted.get(f"{name}/g{g}") for g in range(int(group or 1))]
+            if None in layers:
                 return super()._run(X, W, B, auto_pad=auto_pad, dilations=dilations, group=group,
                                     kernel_shape=kernel_shape, pads=pads, strides=strides)
-            qw = layer.quantized
-            y = dsconv2d(X.astype(np.float32), qw.q, qw.xi, block, mantissa, layer.geom,
-                         None if B is None else np.asarray(B, np.float32), layer.unsigned)
-            return (y,)
+            xs = np.split(X.astype(np.float32), len(layers), axis=1)
+            bs = [None] * len(layers) if B is None else np.split(np.asarray(B, np.float32), len(layers))
+            ys = [dsconv2d(x, la.quantized.q, la.quantized.xi, block, mantissa, la.geom, b, la.unsigned)
+                  for la, x, b in zip(layers, xs, bs)]
+            return (np.concatenate(ys, axis=1),)
 
     sess = ReferenceEvaluator(loaded.model, new_ops=[Conv])
     names = list(loaded.input_shapes)

@@ -112,12 +112,22 @@ def test_fused_bfp_residual_stream_changes_no_bit(tmp_path):
     np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
 
 
+def save_graph(path, nodes, inits, in_chw, out_chw):
+    """Save an opset-13 ONNX model of ``nodes`` from "input" [N, *in_chw] to "out" [N, *out_chw]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_chw])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", *out_chw])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
 def relu6_model(path):
     """MobileNetV2's pattern: Conv -> Clip(0, 6) (bounds as inputs, opset 13), a 1x1 expansion, a
     3x3 conv added to the block's input then clipped, and a Clip with only a lower bound (a relu)."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(2)
 
@@ -139,11 +149,7 @@ def relu6_model(path):
         n("Conv", ["r2", "w3"], ["c3"], name="head"),
         n("Clip", ["c3", "lo", ""], ["out"]),
     ]
-    graph = helper.make_graph(nodes, "relu6",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 10, 10])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    return path
+    return save_graph(path, nodes, inits, (3, 10, 10), (16, 10, 10))
 
 
 def test_clip_is_fused_into_the_epilogue_and_matches_reference(tmp_path):
@@ -170,4 +176,93 @@ def test_clip_is_fused_into_the_epilogue_and_matches_reference(tmp_path):
     assert text.count("R.call_tir") == 4 and "maximum" not in text and "minimum" not in text
     compile_model(path, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
     x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32) * 3
+    np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))
+
+
+def grouped_model(path):
+    """AlexNet's pattern, smaller: a conv, then grouped convs with bias and ReLU (groups=2, 5x5,
+    stride 2, 12 input channels a group: not a multiple of the block 8; groups=4, 3x3, stride 1,
+    8 a group) and a grouped conv without bias or ReLU (groups=4, stride 2, 10 output channels a
+    group) feeding 1x1 convs chained in fused BFP."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def t(name, *shape, s=0.2):
+        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+    inits = [t("w0", 24, 8, 3, 3), t("b0", 24), t("w1", 32, 12, 5, 5, s=0.1), t("b1", 32),
+             t("w2", 32, 8, 3, 3), t("b2", 32), t("w3", 40, 8, 3, 3), t("w4", 16, 40, 1, 1), t("b4", 16),
+             t("w5", 16, 16, 1, 1)]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="conv"),
+        n("Relu", ["c0"], ["r0"]),
+        n("Conv", ["r0", "w1", "b1"], ["c1"], pads=[2, 2, 2, 2], strides=[2, 2], group=2, name="g2"),
+        n("Relu", ["c1"], ["r1"]),
+        n("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=4, name="g4"),
+        n("Relu", ["c2"], ["r2"]),
+        n("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2], group=4, name="g4s2"),
+        n("Conv", ["c3", "w4", "b4"], ["c4"], name="head"),
+        n("Relu", ["c4"], ["r4"]),
+        n("Conv", ["r4", "w5"], ["out"], name="tail"),
+    ]
+    return save_graph(path, nodes, inits, (8, 15, 15), (16, 4, 4))
+
+
+def test_grouped_convs_are_one_dsconv_layer_a_group(tmp_path):
+    """A grouped conv is split into one DSConv layer per group (bias and ReLU in each group's
+    epilogue, float in and out): the .so equals the numpy DSConv reference of the per-group convs
+    and is close to the fp32 model (4-bit weights)."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from dsconv_tvm.accuracy.evaluate import layer_sqnr
+    from dsconv_tvm.execute.runner import predict
+    from dsconv_tvm.frontend.onnx import load_onnx
+    from dsconv_tvm.scheme.metrics import sqnr_db
+
+    path = grouped_model(str(tmp_path / "grouped.onnx"))
+    cfg = DSConvConfig(block=8, first_layer="dsconv")
+    result, _ = compiled_vs_reference(path, str(tmp_path / "g.so"), cfg)
+    rep = result.report
+    assert not rep.kept
+    layers = {la.name: (la.weight_shape, la.in_shape[1], la.fused, la.bfp) for la in rep.converted}
+    assert layers == {
+        "conv": ((24, 8, 3, 3), 8, ("bias", "relu"), ()),
+        **{f"g2/g{g}": ((16, 12, 5, 5), 12, ("bias", "relu"), ()) for g in range(2)},
+        **{f"g4/g{g}": ((8, 8, 3, 3), 8, ("bias", "relu"), ()) for g in range(4)},
+        **{f"g4s2/g{g}": ((10, 8, 3, 3), 8, (), ()) for g in range(4)},
+        "head": ((16, 40, 1, 1), 40, ("bias", "relu"), ("out",)),
+        "tail": ((16, 16, 1, 1), 16, (), ("in",)),
+    }
+    # each group quantized on its own: its weights, its bytes, its own (unsigned: after a ReLU) input
+    w1 = numpy_helper.to_array({t.name: t for t in load_onnx(path).model.graph.initializer}["w1"])
+    for g in range(2):
+        la = next(la for la in rep.converted if la.name == f"g2/g{g}")
+        assert la.unsigned and la.fp32_bytes == w1[16 * g:16 * (g + 1)].nbytes
+        assert la.deployed_bytes < la.fp32_bytes and 10 < la.sqnr_db < 40
+        assert sqnr_db(w1[16 * g:16 * (g + 1)], la.quantized.dequantize()) == la.sqnr_db
+    assert len({la.func_name for la in rep.converted}) >= 4 and all(la.func_name for la in rep.converted)
+    x = np.random.default_rng(0).standard_normal((2, 8, 15, 15)).astype(np.float32)
+    fp32 = ReferenceEvaluator(load_onnx(path).model).run(None, {"input": x})[0]
+    assert sqnr_db(fp32, predict(str(tmp_path / "g.so"), x)) > 12      # 15.8 dB: 7 layers of ~24 dB weights
+    # eval's per-conv SQNR (by ONNX node) counts a grouped conv as converted
+    rows = layer_sqnr(path, cfg, x, 2, str(tmp_path))
+    assert [r.name for r in rows] == ["conv", "g2", "g4", "g4s2", "head", "tail"] and all(r.converted for r in rows)
+
+
+def test_grouped_conv_with_fused_neighbours_changes_no_bit(tmp_path):
+    """Fused BFP next to grouped convs (which read and write float) changes no bit."""
+    import numpy as np
+
+    from dsconv_tvm.execute.runner import predict
+
+    path = grouped_model(str(tmp_path / "grouped.onnx"))
+    cfg = DSConvConfig(block=8, first_layer="dsconv")
+    compile_model(path, "x86", str(tmp_path / "f.so"), cfg, check=False)
+    compile_model(path, "x86", str(tmp_path / "p.so"), cfg.replace(fuse_bfp=False), check=False)
+    x = np.random.default_rng(1).standard_normal((1, 8, 15, 15)).astype(np.float32)
     np.testing.assert_array_equal(predict(str(tmp_path / "f.so"), x), predict(str(tmp_path / "p.so"), x))

@@ -69,16 +69,27 @@ def test_first_layer_policy_keep_is_default():
     assert p.report.layers[1].converted
 
 
-def test_depthwise_and_grouped_are_kept_with_reason():
+def test_depthwise_is_kept_and_grouped_is_one_layer_a_group():
+    """Depthwise stays a float conv (policy depthwise); a grouped conv becomes split, one DSConv
+    layer per group (named <name>/g<i>, its slice of the bias and the ReLU absorbed), concat."""
+    bias = (rng.standard_normal((1, 24, 1, 1)) * 0.2).astype(np.float32)
+
     def body(bb, x):
         y = bb.emit(conv(x, const(16, 1, 3, 3), padding=1, groups=16))
-        y = bb.emit(conv(y, const(16, 4, 3, 3), padding=1, groups=4))
-        return conv(y, const(8, 16, 1, 1))
-    p = DSConvRewrite(DSConvConfig(first_layer="dsconv"))
+        y = bb.emit(relax.op.add(conv(y, const(24, 4, 3, 3), padding=1, groups=4), relax.const(bias)))
+        y = bb.emit(relax.op.nn.relu(y))
+        return conv(y, const(8, 24, 1, 1))
+    p = DSConvRewrite(DSConvConfig(first_layer="dsconv"), layer_names=["dw", "grouped", "pw"])
     new = p(build(body))
-    reasons = [layer.reason for layer in p.report.layers]
-    assert "depthwise" in reasons[0] and "grouped" in reasons[1] and reasons[2] == ""
-    assert calls(new, "R.nn.conv2d") == 2
+    names = [layer.name for layer in p.report.layers]
+    assert names == ["dw", "grouped/g0", "grouped/g1", "grouped/g2", "grouped/g3", "pw"]
+    assert "depthwise" in p.report.layers[0].reason and not p.report.layers[0].converted
+    for g, layer in enumerate(p.report.layers[1:5]):
+        assert layer.converted and layer.fused == ("bias", "relu") and layer.bfp == ()
+        assert layer.weight_shape == (6, 4, 3, 3) and layer.in_shape == (1, 4, 8, 8)
+        np.testing.assert_array_equal(layer.bias, bias.reshape(24)[6 * g:6 * (g + 1)])
+    assert calls(new, "R.nn.conv2d") == 1 and calls(new, "R.split") == 1 and calls(new, "R.concat") == 1
+    assert calls(new, "R.call_tir") == 5 and calls(new, "R.add") == 0 and calls(new, "R.nn.relu") == 0
 
 
 def test_skip_by_name():
