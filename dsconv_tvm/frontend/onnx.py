@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import ModelError
 from .batchnorm import fold_conv_batchnorm
 from .checks import check_sizes, check_values
+from .power import power_to_sqrt
 
 
 @dataclass
@@ -162,6 +163,7 @@ def to_relax(loaded: LoadedModel):
         # FoldConstant legalizes ops: shape errors (e.g. an input too small for a conv) surface here
         mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = relax.transform.FoldConstant()(mod)
+        mod, _ = power_to_sqrt(mod)            # LRN's x^0.75: vector square roots, not powf
     except Exception as exc:
         msg = str(exc).strip().splitlines()
         empty = _first_empty_output(loaded)
