@@ -42,21 +42,26 @@ def test_arm_kernels_on_emulated_board_match_reference(emulated_board, tmp_path,
 
 
 FP32_CASES = [(3, 16, 30, 7, 2), (5, 24, 12, 3, 1)]      # ci, co, hw, k, stride: the stem's shape
+DEPTHWISE_CASES = [(3, 3, 28, 3, 1), (6, 6, 14, 3, 2), (3, 3, 7, 3, 1)]   # depthwise: ci = co = groups
 
 
 def _run_fp32_convs(remote, tmp_path, spec, target):
-    """The fp32 convs a model keeps (the stem) with the AArch64 outer-product schedule."""
+    """The fp32 convs a model keeps with their AArch64 schedules: the stem (outer-product tile)
+    and MobileNet's depthwise convs (rows of NEON vectors, stride 2 split in even / odd halves)."""
     from tvm import te, topi
 
     from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
 
     dev = remote.cpu()
-    for i, (ci, co, hw, k, s) in enumerate(FP32_CASES):
+    for i, (ci, co, hw, k, s) in enumerate(FP32_CASES + DEPTHWISE_CASES):
+        groups = 1 if i < len(FP32_CASES) else co
         pad = k // 2
         x = te.placeholder((1, ci, hw, hw), "float32", "x")
-        wt = te.placeholder((co, ci, k, k), "float32", "w")
+        wt = te.placeholder((co, ci // groups, k, k), "float32", "w")
         b = te.placeholder((1, co, 1, 1), "float32", "b")
-        y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
+        conv = (topi.nn.conv2d_nchw(x, wt, s, pad, 1) if groups == 1
+                else topi.nn.conv(x, wt, s, pad, 1, groups, "NCHW", "OIHW", "float32"))
+        y = topi.nn.relu(topi.add(conv, b))
         func = te.create_prim_func([x, wt, b, y]).with_attr("global_symbol", "main")
         lib_path = tmp_path / f"fp32_{i}.so"
         spec.export_library(tvm.compile(schedule_fp32_conv(func, target).mod, target), str(lib_path))
@@ -64,14 +69,17 @@ def _run_fp32_convs(remote, tmp_path, spec, target):
         fn = remote.load_module(lib_path.name)["main"]
         rng = np.random.default_rng(i)
         xn, wn, bn = (rng.standard_normal(t).astype(np.float32)
-                      for t in ((1, ci, hw, hw), (co, ci, k, k), (1, co, 1, 1)))
+                      for t in ((1, ci, hw, hw), (co, ci // groups, k, k), (1, co, 1, 1)))
         out = tvm.runtime.tensor(np.zeros([int(d) for d in y.shape], np.float32), dev)
         fn(*(tvm.runtime.tensor(a, dev) for a in (xn, wn, bn)), out)
         xp = np.pad(xn, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
         oh = (hw + 2 * pad - k) // s + 1
         win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::s, ::s][:, :, :oh, :oh]
-        ref = np.maximum(np.einsum("nchwij,fcij->nfhw", win, wn) + bn, 0)
-        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
+        if groups == 1:
+            ref = np.einsum("nchwij,fcij->nfhw", win, wn)
+        else:
+            ref = np.einsum("nchwij,cij->nchw", win, wn[:, 0])
+        np.testing.assert_allclose(out.numpy(), np.maximum(ref + bn, 0), rtol=1e-5, atol=1e-4)
 
 
 def _run_cases(remote, tmp_path, target_name, isa):

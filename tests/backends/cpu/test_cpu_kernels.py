@@ -359,3 +359,46 @@ def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, tname):
         for j in range(k):
             ref += np.einsum("oc,nchw->nohw", wn[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * oh:s])
     np.testing.assert_allclose(out.numpy(), np.maximum(ref + bn, 0), rtol=1e-4, atol=1e-4)
+
+
+def _depthwise(c, hw, k, s, pad):
+    """A depthwise conv (groups = channels) + bias + clip(0, 6), as MobileNetV2's ONNX legalizes."""
+    from tvm import te, topi
+
+    x = te.placeholder((1, c, hw, hw), "float32", "x")
+    wt = te.placeholder((c, 1, k, k), "float32", "w")
+    b = te.placeholder((1, c, 1, 1), "float32", "b")
+    y = topi.nn.conv(x, wt, s, pad, 1, c, "NCHW", "OIHW", "float32")
+    y = topi.minimum(topi.maximum(topi.add(y, b), tvm.tirx.const(0.0, "float32")), tvm.tirx.const(6.0, "float32"))
+    return te.create_prim_func([x, wt, b, y]), [int(d) for d in y.shape]
+
+
+@pytest.mark.parametrize("c,hw,k,s", [(3, 112, 3, 1), (2, 112, 3, 2), (3, 56, 3, 1), (3, 56, 3, 2), (5, 28, 3, 1),
+                                      (5, 28, 3, 2), (4, 14, 3, 1), (4, 14, 3, 2), (6, 7, 3, 1), (6, 7, 3, 2),
+                                      (3, 30, 5, 1), (3, 23, 3, 2)])
+@pytest.mark.parametrize("tname", ["host", "avx2"])
+def test_depthwise_conv_default_schedule_matches_numpy(c, hw, k, s, tname):
+    """MobileNetV2's depthwise convs (3x3, stride 1 and 2, bias + clip) with FP32ConvCPU's
+    depthwise schedule, against numpy: rows of whole vectors and a partial one (56 = 3 x 16 + 8),
+    rows under a vector (14, 7), a 5x5 kernel, and an odd width at stride 2 (no even/odd split)."""
+    from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
+
+    target = RUNNABLE[tname]
+    pad = k // 2
+    func, oshape = _depthwise(c, hw, k, s, pad)
+    sch = schedule_fp32_conv(func, target)
+    assert sch is not None
+    names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert any(n.startswith("pad_temp_") for n in names)   # the depthwise schedule: the padding in parts
+    padded = sch.mod["main"].body.block.alloc_buffers[0]
+    assert len(padded.shape) == (5 if s == 2 and hw % 2 == 0 else 4)     # stride 2: even / odd halves
+    lib = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(2)
+    xn, wn, bn = (rng.standard_normal(t).astype(np.float32) for t in ((1, c, hw, hw), (c, 1, k, k), (1, c, 1, 1)))
+    out = tvm.runtime.tensor(np.zeros(oshape, np.float32))
+    lib(*(tvm.runtime.tensor(a) for a in (xn, wn, bn)), out)
+    xp = np.pad(xn.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = oshape[2]
+    ref = sum(wn[None, :, 0, i, j, None, None] * xp[:, :, i:i + s * oh:s, j:j + s * oh:s]
+              for i in range(k) for j in range(k))
+    np.testing.assert_allclose(out.numpy(), np.clip(ref + bn, 0, 6), rtol=1e-5, atol=1e-5)
