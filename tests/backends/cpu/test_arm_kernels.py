@@ -29,6 +29,7 @@ CASES = [
     ((1, 24, 5, 5), 8, (3, 3), (1, 1), (1, 1, 1, 1), 3, 8, False, False),     # 3-bit nibbles
     ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 5, 64, True, False),     # 5-bit: 16-channel A72 calls
     ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 7, 32, False, False),    # 7-bit (A72: plain vector code)
+    ((1, 48, 16, 16), 8, (3, 3), (1, 1), (1, 1, 1, 1), 4, 64, True, False),  # input rows copied (1 KB stride)
 ]
 
 

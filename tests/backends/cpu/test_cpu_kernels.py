@@ -158,6 +158,22 @@ def test_random_layers_match_reference(c, co, hw, k, s, pad, d, bits, block, m, 
     _run_layer(layer, seed=c * 31 + co)
 
 
+@pytest.mark.parametrize("in_shape, k, pad, strides, act", [
+    ((1, 72, 16, 16), (3, 3), (1, 1, 1, 1), (1, 1), "uint8"),     # padded, a partial second block
+    ((1, 48, 16, 16), (1, 1), (0, 0, 0, 0), (1, 1), "uint8"),     # unpadded: the fused row pass
+    ((1, 48, 16, 16), (3, 3), (0, 1, 2, 1), (2, 2), "int8"),      # ARM storage, uneven padding
+])
+def test_input_rows_copied_where_channel_loads_share_l1_sets(in_shape, k, pad, strides, act):
+    """A 16x16 map (a 1 KB channel stride: 4 L1 sets for 48+ channels) makes the mantissa stage
+    read the input from a row copy (``x_global``); the integers stay those of the reference."""
+    layer = DSConvLayer(in_shape, 16, k, ConvGeometry(strides, pad), 4, 64, 8, True, "float32", True, "relu",
+                        act)
+    target = HOST if act == "uint8" else RUNNABLE["plain"]
+    sch = schedule_dsconv_cpu(dsconv_primfunc(layer).with_attr("global_symbol", "main"), target)
+    assert "x_global" in sch.mod.script()
+    _run_layer(layer, seed=in_shape[1], target=target)
+
+
 def test_unscheduled_and_scheduled_agree_bitwise_on_integers():
     """One block and one tap: a single float term per output, so results must be identical."""
     layer = DSConvLayer((1, 16, 6, 6), 8, (1, 1), ConvGeometry(), 4, 16, 8, False, "float32", False, "none")
