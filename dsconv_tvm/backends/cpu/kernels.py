@@ -8,7 +8,8 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
    :func:`.layout.act_offset`;
 3. ``w_unpack`` 2- to 4-bit weights taken from the packed bytes (one crumb or nibble per weight,
    constant shifts, one small tile at a time in the schedule: the packed bytes are what the .so
-   holds): on x86 as ``w + 2^(field-1)`` (a shift and an ``and``), on ARM
+   holds): on x86 from the offset-binary field ``w + 2^(field-1)`` (a shift and an ``and``, then
+   a byte subtraction of the offset, shared by the register tile's pixels), on ARM
    (:func:`.layout.signed_dot`) as ``w`` itself (two's complement: sign-extended with a left shift
    and an arithmetic right shift, see :func:`packed_field`)
    ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4, x86 only)
@@ -86,8 +87,8 @@ def dsconv_te(layer: DSConvLayer):
     _, _, oh, ow = layer.out_shape
     z = act_offset(layer)
 
-    # packed weights in offset binary (x86: w + 2^(field-1)) need the per-pixel mantissa sums (that
-    # offset x the sum is subtracted); ARM's two's complement fields (signed_dot) and int8 do not
+    # packed weights in offset binary (x86: w + 2^(field-1)) are made signed bytes in the unpack;
+    # ARM's are two's complement fields (signed_dot), int8 weights bytes: no mantissa sums needed
     signed, sums = signed_dot(layer), needs_sums(layer)
     npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
     if layer.bfp_input:
@@ -130,7 +131,7 @@ def dsconv_te(layer: DSConvLayer):
         value = packed_field(byte, npb - 1, field, signed)
         for h in reversed(range(npb - 1)):
             value = tirx.if_then_else(k4 % npb == h, packed_field(byte, h, field, signed), value)
-        return value if signed else value.astype("int8")
+        return value if signed else value.astype("int8") - tirx.const(w_off, "int8")
 
     wu = te.compute((g, kh, kw, bp // TAP, co, TAP), _unpack, name="w_unpack", attrs=_OTHER) if npb > 1 else wq
 

@@ -85,10 +85,12 @@ def signed_dot(layer: DSConvLayer) -> bool:
 
 
 def needs_sums(layer: DSConvLayer) -> bool:
-    """Whether the layer's kernel subtracts :func:`weight_offset` x the per-pixel sum of its stored
-    mantissas (2- to 4-bit weights in offset binary: x86; not the two's complement fields of
-    :func:`signed_dot`, not int8 weights)."""
-    return weight_offset(layer.bits, signed_dot(layer)) != 0
+    """Whether the layer's kernel needs the per-pixel sums of its stored mantissas: never any more.
+    x86's offset-binary fields are made signed bytes in the unpack (``field - 2^(field-1)``: one
+    byte subtraction per weight vector, shared by a register tile's pixels) instead of subtracting
+    the offset x the mantissa sum from every (block, tap, pixel) accumulator."""
+    del layer
+    return False
 
 
 def bfp_format(layer: DSConvLayer) -> BFPFormat:

@@ -49,19 +49,19 @@ def producer_layer(case, act_dtype="uint8", fp32_output=True):
     return dataclasses.replace(layer, bfp_output=bfp_format(consumer), fp32_output=fp32_output)
 
 
-def test_bfp_format_has_sums_only_for_offset_binary_nibbles():
-    """x86 4-bit weights (w + 8) need the consumers' mantissa sums; ARM's two's complement nibbles
-    (signed_dot) and int8 weights do not, so a fused ARM producer writes none."""
+def test_bfp_format_has_no_sums():
+    """No CPU kernel needs the consumers' mantissa sums: x86's offset-binary fields (w + 8) are made
+    signed bytes in the unpack, ARM's are two's complement, int8 weights are bytes already."""
     def fmt(bits, act):
         return bfp_format(DSConvLayer((1, 32, 4, 4), 16, (1, 1), ConvGeometry(), bits, 32, 8, True, act_dtype=act))
 
-    assert fmt(4, "uint8") == BFPFormat(32, 8, True, sums=True, slots=32)
+    assert fmt(4, "uint8") == BFPFormat(32, 8, True, sums=False, slots=32)
     assert fmt(4, "int8") == BFPFormat(32, 8, True, sums=False, slots=32)
-    assert fmt(2, "uint8").sums and not fmt(2, "int8").sums
+    assert not fmt(2, "uint8").sums and not fmt(2, "int8").sums
     assert not fmt(8, "uint8").sums and not fmt(8, "int8").sums
     # 2-bit weights (crumbs) are unpacked in 16-channel steps: a block of 8 takes 16 slots
     small = DSConvLayer((1, 24, 4, 4), 16, (1, 1), ConvGeometry(), 2, 8, 8, True)
-    assert bfp_format(small) == BFPFormat(8, 8, True, sums=True, slots=16)
+    assert bfp_format(small) == BFPFormat(8, 8, True, sums=False, slots=16)
     assert bfp_format(dataclasses.replace(small, bits=4)).slots == 8
 
 
