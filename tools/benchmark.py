@@ -238,6 +238,8 @@ def standalone_layer_module(report_layer, spec):
     backend = backend_for(spec.tvm_target())
     qw = report_layer.quantized
     params = backend.layer_params(layer, qw.q, qw.xi, report_layer.bias)
+    for op in layer.prologue:        # an absorbed BN before the conv: here the identity
+        params.append(np.full(layer.in_shape[1], op in ("divide", "multiply"), np.float32))
     bb = relax.BlockBuilder()
     gv = bb.add_func(backend.primfunc(layer), "dsconv_layer")
     x = relax.Var("x", relax.TensorType(list(layer.in_shape), "float32"))

@@ -28,6 +28,9 @@ class Backend:
     fuses_residual = False
     #: whether its DSConv kernels can write the next layers' BFP input and read it (fused BFP)
     fuses_bfp = False
+    #: whether its DSConv kernels can apply a per-channel affine + ReLU to the float input before
+    #: quantizing it (``DSConvLayer.has_prologue`` / ``prologue_relu``)
+    fuses_prologue = False
 
     def __init__(self, target):
         self.target = target

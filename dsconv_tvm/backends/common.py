@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..scheme.bfp import E_MAX, E_MIN, fraction_bits, mantissa_range, num_blocks
-from ..scheme.layer import ACTIVATIONS, DSConvLayer
+from ..scheme.layer import ACTIVATIONS, PROLOGUE_OPS, DSConvLayer
 
 #: The PrimFunc attribute every backend sets on its DSConv functions (and only there): the test of
 #: "is this a DSConv layer" everywhere (schedules, tuning, reports).
@@ -104,8 +104,8 @@ def bfp_stages(x, layer: DSConvLayer, attrs=None, prefix: str = "", exponents=No
     names start with ``prefix``.  ``exponents`` [N, G, H, W] int32: the exponents are given (an
     input quantized by the producer layer): then only ``bfp_s`` is built (``x`` may be None).
     ``whole_blocks``: the channels are a whole number of blocks and the mantissas are read only for
-    channels < C, so channel indices need no clamping (a clamped index defeats the region analysis
-    of a stage computed under a tile loop).
+    channels < C (or ``x`` has every channel slot the stages read), so channel indices need no
+    clamping (a clamped index defeats the region analysis of a stage computed under a tile loop).
 
     Mantissas are rounded half to even with ``tirx.nearbyint``.  ``vector_rint`` (LLVM targets
     only): with ``tirx.round`` instead, which TVM 0.27 lowers on LLVM to the same
@@ -162,6 +162,38 @@ def bfp_stages(x, layer: DSConvLayer, attrs=None, prefix: str = "", exponents=No
         return tirx.if_then_else(tirx.all(in_image(layer, yy, xx), k < bsz, ch < c), q, zero)
 
     return BFPStages(amax, bfp_e, bfp_s, _mantissa)
+
+
+def prologue_reader(x, layer: DSConvLayer, consts=()):
+    """``x`` [N, C, H, W] as the quantization stages read it: ``layer``'s prologue applied where it
+    has one (each op of ``layer.prologue`` with its constant ``consts[i][c]``, in order, then
+    ``max(., 0)``: the graph's pre-activation BN + ReLU, in the same float32 order), inline in
+    those stages (no pass of its own); else ``x`` itself.
+
+    Every float32 op rounds on its own, as ONNX (and numpy) compute them: TVM's LLVM contracts a
+    multiply feeding an add into one FMA (one rounding) where it sees them together -- as here,
+    but not in the graph's separate elementwise passes -- so each product goes through
+    ``max(p, -inf)``, the same value for every non-NaN ``p`` (a NaN becomes -inf), which LLVM
+    does not fold away and an FMA cannot be formed across."""
+    from tvm import tirx
+
+    if not layer.has_prologue:
+        return x
+    if len(consts) != len(layer.prologue) or not set(layer.prologue) <= set(PROLOGUE_OPS):
+        raise ValueError(f"prologue {layer.prologue} with {len(consts)} constants")
+
+    class _Reader:
+        def __getitem__(self, idx):
+            v = x(*idx)
+            for op, const in zip(layer.prologue, consts):
+                c = const[idx[1]]
+                if op == "multiply":       # max(., -inf): the product rounded on its own (see above)
+                    v = tirx.max(v * c, tirx.const(-math.inf, "float32"))
+                else:
+                    v = v - c if op == "subtract" else v / c if op == "divide" else v + c
+            return tirx.max(v, tirx.const(0.0, "float32")) if layer.prologue_relu else v
+
+    return _Reader()
 
 
 def in_image(layer: DSConvLayer, yy, xx):

@@ -69,7 +69,9 @@ def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict, input_for
     chained producers."""
     consumers: dict = {}
     for _, plan in plans:
-        if not plan.dense:
+        # a layer with a prologue reads the float tensor (it applies the prologue before
+        # quantizing): to its producer it is a float user like any other
+        if not plan.dense and not plan.layer.has_prologue:
             consumers.setdefault(plan.data, []).append(plan)
     chained = 0
     for end, plan in plans:

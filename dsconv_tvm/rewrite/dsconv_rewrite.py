@@ -9,7 +9,8 @@ the model is imported and constants are folded.  For every ``R.nn.conv2d`` with 
 * absorbs a following per-channel bias ``add`` and an activation (relu, relu6: a clamp to constant
   bounds, e.g. ONNX Relu or Clip(0, 6), which the frontend imports as maximum/minimum) when the conv
   output has no other user,
-* absorbs a residual ``add`` too where the backend's kernels fuse it,
+* absorbs a residual ``add`` where the backend's kernels fuse it, and a pre-activation before the conv
+  (per-channel BN ops and / or ReLU: :mod:`.prologue`) where they apply it to their input,
 * emits one ``R.call_tir`` to the backend's DSConv PrimFunc (:mod:`dsconv_tvm.backends`) that quantizes the input
   to block floating point at run time, does the int32 block dot products and the float scaling.
 
@@ -39,6 +40,7 @@ from ..scheme.layer import DSConvLayer, activation_for_bounds
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
 from .chain import GroupedConv, PlannedLayer, chain_layers
+from .prologue import match_prologue, single_user, static_shape
 from .report import ConversionReport, LayerReport
 
 _NONNEG_PASSTHROUGH = {
@@ -55,16 +57,6 @@ def _const_value(expr, bindings) -> np.ndarray | None:
     if isinstance(expr, tvm.ir.GenericConst):
         return expr.value.numpy()
     return None
-
-
-def _static_shape(expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError):
-        return None
 
 
 def _is_call(expr, op_name: str) -> bool:
@@ -89,7 +81,7 @@ def _is_topi_scalar_op(func, op: str, args: list) -> bool:
         return False
     ins = []
     for arg in args:
-        shape = _static_shape(arg)
+        shape = static_shape(arg)
         if shape is None:
             return False
         ins.append(te.placeholder([tirx.IntImm("int64", d) for d in shape], str(arg.ty.dtype)))
@@ -103,7 +95,7 @@ def _clamps(bindings: dict, mod) -> dict:
     frontend's call_tir of TOPI's PrimFunc in ``mod``); the activations a layer may absorb."""
     clamps = {}
     for var, value in bindings.items():
-        if not isinstance(value, relax.Call) or _static_shape(var) is None or str(var.ty.dtype) != "float32":
+        if not isinstance(value, relax.Call) or static_shape(var) is None or str(var.ty.dtype) != "float32":
             continue
         if _is_call(value, "relax.nn.relu"):
             clamps[var] = (value.args[0], 0.0, math.inf)
@@ -123,7 +115,7 @@ def _clamps(bindings: dict, mod) -> dict:
             continue
         for x, c in (args, args[::-1]):
             bound = _scalar(c, bindings)
-            if op is None or bound is None or _static_shape(x) != _static_shape(var):
+            if op is None or bound is None or static_shape(x) != static_shape(var):
                 continue
             if _is_call(value, "relax.call_tir") and not _is_topi_scalar_op(mod[value.args[0]], op, args):
                 break
@@ -278,13 +270,13 @@ class DSConvRewrite:
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
         w = _const_value(weight, bindings)
-        in_shape = _static_shape(data)
+        in_shape = static_shape(data)
         if dense:
             if w is None or w.ndim != 2 or in_shape is None or len(in_shape) != 2 or in_shape[1] != w.shape[0]:
                 return None                 # not a plain fully connected layer: left as it is
             w = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
             in_shape = (in_shape[0], in_shape[1], 1, 1)
-        wshape = tuple(w.shape) if w is not None else tuple(_static_shape(weight) or ())
+        wshape = tuple(w.shape) if w is not None else tuple(static_shape(weight) or ())
 
         def keep(reason):
             self.report.layers.append(LayerReport(name, False, reason, wshape, in_shape or (),
@@ -317,7 +309,7 @@ class DSConvRewrite:
         co = int(w.shape[0])
 
         def next_op(v):          # the op the chain may absorb after v (None: the chain ends at v)
-            n = _single_user(v, uses, users)
+            n = single_user(v, uses, users)
             if n is None or n in claimed["vars"] or v in claimed["keep"]:
                 return None
             return n
@@ -328,7 +320,7 @@ class DSConvRewrite:
             other = b if a.same_as(end) else a
             bval = _const_value(other, bindings)
             if bval is not None and bval.size == co and bval.ndim >= 1 and \
-                    _static_shape(nxt) == _static_shape(end) and \
+                    static_shape(nxt) == static_shape(end) and \
                     (bval.ndim == 1 or bval.shape[-2:] == (1, 1) or dense) and bval.ndim <= 4:
                 bias = bval.reshape(co).astype(np.float32)
                 absorbed.append(end)
@@ -343,7 +335,7 @@ class DSConvRewrite:
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
                     _const_value(other, bindings) is None and \
-                    _static_shape(other) == _static_shape(end) == _static_shape(nxt) and \
+                    static_shape(other) == static_shape(end) == static_shape(nxt) and \
                     str(other.ty.dtype) == "float32":
                 residual = other
                 absorbed.append(end)
@@ -373,18 +365,21 @@ class DSConvRewrite:
         unsigned = cfg.unsigned_after_relu and data in nonneg
         bits = cfg.bits_for(name)            # mixed precision: a per-layer override (a grouped conv's node name)
         if groups == 1:
+            pro = match_prologue(data, in_shape, bindings, uses, users, clamps, claimed["vars"] | claimed["keep"]) \
+                if self.backend.fuses_prologue and not dense else None
             plan = self._layer(name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual,
-                               dense)
-            return end, plan, absorbed, residual
+                               dense, pro)
+            return end, plan, absorbed + (pro.absorbed if pro else []), residual
         # one layer per group: its weights, its input channels, its slice of the bias
         ci, cg = int(in_shape[1]) // groups, co // groups
         plans = [self._layer(f"{name}/g{g}", None, w[g * cg:(g + 1) * cg], (in_shape[0], ci, *in_shape[2:]),
                              None if bias is None else bias[g * cg:(g + 1) * cg], geom, bits, unsigned,
-                             activation, fused, None, False) for g in range(groups)]
+                             activation, fused, None, False, None) for g in range(groups)]
         return end, GroupedConv(data, plans), absorbed, None
 
-    def _layer(self, name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual, dense):
-        """Quantize one layer's weight ``w`` (OIHW), report it and plan its call (a PlannedLayer)."""
+    def _layer(self, name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual, dense, pro):
+        """Quantize one layer's weight ``w`` (OIHW), report it and plan its call (a PlannedLayer);
+        ``pro``: the prologue it absorbs (it reads ``pro.x`` then), or None."""
         cfg = self.config
         co = int(w.shape[0])
         # a block wider than the layer's input is one block of all its channels: the same scales,
@@ -396,9 +391,12 @@ class DSConvRewrite:
             raise type(exc)(f"layer '{name}': {exc}") from None
         layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
                             bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
-                            bias is not None, activation, self.backend.act_dtype, residual is not None)
-        params = self.backend.layer_params(layer, qw.q, qw.xi, bias)
+                            bias is not None, activation, self.backend.act_dtype, residual is not None,
+                            prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu))
+        params = self.backend.layer_params(layer, qw.q, qw.xi, bias) + (pro.consts if pro else [])
         wp, xi = params[:2]
+        if pro is not None:               # it reads x; the report lists the prologue first
+            data, fused = pro.x, (pro.label, *fused)
         report = LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
             deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
@@ -408,13 +406,6 @@ class DSConvRewrite:
         # write or read BFP); a dense layer is emitted as reshape to [N, K, 1, 1], the 1x1 DSConv,
         # reshape back
         return PlannedLayer(name, layer, data, [relax.const(a) for a in params], residual, dense, report)
-
-
-def _single_user(var, uses, users):
-    """The var bound to the only expression that uses ``var`` (None if several users or an output)."""
-    if uses.get(var, 0) != 1 or len(users.get(var, ())) != 1:
-        return None
-    return users[var][0]
 
 
 def _ident(name: str) -> str:

@@ -14,6 +14,8 @@ from .geometry import ConvGeometry
 #: (infinite: that side is not clamped).  Named, not free bounds: a kernel is specialised on the name.
 ACTIVATIONS = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
 ACT_DTYPES = ("uint8", "int8")
+#: The per-channel ops of a prologue: ``x op c[channel]`` (as ONNX BatchNormalization is decomposed)
+PROLOGUE_OPS = ("subtract", "divide", "multiply", "add")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class DSConvLayer:
     # ([N, H, W, C]): this layer's residual input, and its float output (with bfp_output)
     residual_nhwc: bool = False
     fp32_nhwc: bool = False
+    # a prologue on the float input before it is quantized (a pre-activation BN + ReLU absorbed
+    # from the graph): per-channel ops (PROLOGUE_OPS, each with one constant [C] param after the
+    # bias) applied in order, then max(., 0) with prologue_relu; in float32, as the ops it replaces
+    prologue: tuple[str, ...] = ()
+    prologue_relu: bool = False
+
+    @property
+    def has_prologue(self) -> bool:
+        return bool(self.prologue) or self.prologue_relu
 
     @property
     def packed(self) -> bool:

@@ -18,6 +18,7 @@ from .layout import bfp_format, layer_params
 class CPUBackend(Backend):
     kind = "llvm"
     fuses_residual = True
+    fuses_prologue = True
 
     # -- targets --------------------------------------------------------------------------------
     @classmethod

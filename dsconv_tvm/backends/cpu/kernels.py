@@ -31,7 +31,15 @@ from __future__ import annotations
 
 from ...scheme.geometry import ConvGeometry
 from ...scheme.layer import ACT_DTYPES, DSConvLayer
-from ..common import bfp_stages, block_scaled_sum, clamp_index, epilogue, in_image, layer_primfunc
+from ..common import (
+    bfp_stages,
+    block_scaled_sum,
+    clamp_index,
+    epilogue,
+    in_image,
+    layer_primfunc,
+    prologue_reader,
+)
 from .layout import (
     TAP,
     act_offset,
@@ -91,7 +99,11 @@ def dsconv_te(layer: DSConvLayer):
     # ARM's are two's complement fields (signed_dot), int8 weights bytes: no mantissa sums needed
     signed, sums = signed_dot(layer), needs_sums(layer)
     npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
+    # the prologue's constants, one per op (after the bias, before the residual in the params)
+    prologue = [te.placeholder((c,), "float32", name=f"pro_{op}{i}") for i, op in enumerate(layer.prologue)]
     if layer.bfp_input:
+        if layer.has_prologue:
+            raise ValueError("a layer with a prologue reads the float input, not fused BFP")
         inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
                   te.placeholder((n, g, h, w), "int32", name="x_exp")]
         if sums:
@@ -102,8 +114,15 @@ def dsconv_te(layer: DSConvLayer):
         x = te.placeholder((n, c, h, w), "float32", name="x")
         inputs = [x]
         # the quantization pass vectorized (tirx.round: the same half-to-even integers as
-        # nearbyint, which would make the loop serial)
-        bfp = bfp_stages(x, layer, _OTHER, vector_rint=True)
+        # nearbyint, which would make the loop serial); the prologue (if any) a stage of its own,
+        # computed per row of the quantization or inlined into it by the schedule
+        # (its channels padded to every slot the mantissas read, so that those read it unclamped)
+        if layer.has_prologue:
+            reader = prologue_reader(x, layer, prologue)
+            x = te.compute((n, (g - 1) * layer.block + bp, h, w),
+                           lambda nn, ch, yy, xx: reader[nn, tirx.min(ch, c - 1), yy, xx], name="prologue",
+                           attrs=_OTHER)
+        bfp = bfp_stages(x, layer, _OTHER, whole_blocks=layer.has_prologue, vector_rint=True)
         bfp_m = stored_mantissas(bfp, layer, "bfp_m")
         bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if sums else None
         mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
@@ -118,6 +137,7 @@ def dsconv_te(layer: DSConvLayer):
     if layer.has_bias:
         bias = te.placeholder((co,), "float32", name="bias")
         inputs.append(bias)
+    inputs += prologue
     if layer.has_residual:
         n_, co_, oh_, ow_ = layer.out_shape
         residual = te.placeholder((n_, oh_, ow_, co_) if layer.residual_nhwc else layer.out_shape, "float32",
@@ -255,8 +275,9 @@ def layer_description(layer: DSConvLayer) -> str:
 
 
 def fused_bfp_description(layer: DSConvLayer) -> str:
-    """The fused-BFP part of :func:`layer_description` (empty for a layer with float input and
-    output: their workloads, and the shipped records of them, are unchanged)."""
+    """The fused-BFP and prologue part of :func:`layer_description` (empty for a layer with float
+    input and output and no prologue: their workloads, and the shipped records of them, are
+    unchanged)."""
     out = " bfp_in=1" if layer.bfp_input else ""
     fmt = layer.bfp_output
     if fmt is not None:
@@ -266,4 +287,6 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
         out += " fp32_nhwc=1"
     if layer.residual_nhwc:
         out += " residual_nhwc=1"
+    if layer.has_prologue:
+        out += " prologue=" + "+".join(layer.prologue + ("relu",) * layer.prologue_relu)
     return out

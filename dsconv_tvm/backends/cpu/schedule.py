@@ -235,8 +235,13 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     if get_block(sch, "amax") is None:     # the input is BFP already: padding and scales only
         _quantize_rows(sch, "")
         return sch
-    # activation quantization: parallel over (image, block, row); vectorized along rows
-    if not sample and _unpadded(sch):
+    # activation quantization: parallel over (image, block, row); vectorized along rows; the
+    # prologue (per-channel ops and ReLU on the float input) computed once per row there, else
+    # inlined (computed in both the block max and the mantissas)
+    rows = not sample and _unpadded(sch)
+    if get_block(sch, "prologue") is not None and not (rows and _slots_are_block(sch)):
+        sch.compute_inline(sch.get_sblock("prologue"))
+    if rows:
         _bfp_rows(sch)
         return sch
     amax = sch.get_sblock("amax")
@@ -351,6 +356,13 @@ def _unpadded(sch: s_tir.Schedule) -> bool:
     return [int(v) for v in amax[2:4]] == [int(v) for v in mant[2:4]]
 
 
+def _slots_are_block(sch: s_tir.Schedule) -> bool:
+    """Whether the mantissas have no channel slots beyond the block (a row of the prologue is then
+    what one block's row of mantissas reads)."""
+    mant = sch.get(sch.get_sblock("bfp_m")).writes[0].source.shape
+    return int(mant[-1]) == int(sch.get(sch.get_loops(sch.get_sblock("amax"))[-1]).extent)
+
+
 def _bfp_rows(sch: s_tir.Schedule) -> None:
     """The BFP stages of an unpadded layer as one parallel loop over (image, block, row): the
     row's block max, then its scales, mantissas and mantissa sums while the row (B channels x W
@@ -359,10 +371,25 @@ def _bfp_rows(sch: s_tir.Schedule) -> None:
     integer operations, the same bits).  Schedule only: the same integers as separate passes."""
     sch.compute_inline(sch.get_sblock("bfp_e"))
     amax = sch.get_sblock("amax")
-    n1, g1, y1, x1, r1 = sch.get_loops(amax)
-    sch.reorder(n1, g1, y1, r1, x1)
-    row = sch.fuse(n1, g1, y1)
-    sch.parallel(row)
+    pro = get_block(sch, "prologue")
+    if pro is not None:
+        # the prologue's rows (B channels x W floats, into a row buffer) lead the loop: the block
+        # max and the mantissas read them there
+        block = int(sch.get(sch.get_loops(amax)[-1]).extent)
+        n0, c0, y0, x0 = sch.get_loops(pro)
+        g0, b0 = sch.split(c0, [None, block])
+        sch.reorder(n0, g0, y0, b0, x0)
+        row = sch.fuse(n0, g0, y0)
+        sch.parallel(row)
+        sch.vectorize(x0)
+        sch.reverse_compute_at(amax, row, preserve_unit_loops=True)
+        *_, x1, r1 = sch.get_loops(amax)
+        sch.reorder(r1, x1)
+    else:
+        n1, g1, y1, x1, r1 = sch.get_loops(amax)
+        sch.reorder(n1, g1, y1, r1, x1)
+        row = sch.fuse(n1, g1, y1)
+        sch.parallel(row)
     init = sch.decompose_reduction(amax, r1)
     sch.vectorize(sch.get_loops(init)[-1])
     for name in ("bfp_s", "bfp_m"):

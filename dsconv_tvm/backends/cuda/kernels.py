@@ -89,6 +89,8 @@ def dsconv_te(layer, dp4a: bool = True):
     """TE tensors of one DSConv layer in the CUDA layout: (inputs, output)."""
     from tvm import te, tirx
 
+    if layer.has_prologue:              # CUDABackend.fuses_prologue is off: the rewrite never asks
+        raise ValueError("the CUDA kernels apply no prologue to their input")
     n, c, h, w = layer.in_shape
     co = layer.out_channels
     kh, kw = layer.kernel

@@ -30,6 +30,9 @@ CASES = [
     ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 5, 64, True, False),     # 5-bit: 16-channel A72 calls
     ((1, 64, 5, 5), 8, (1, 1), (1, 1), (0, 0, 0, 0), 7, 32, False, False),    # 7-bit (A72: plain vector code)
     ((1, 48, 16, 16), 8, (3, 3), (1, 1), (1, 1, 1, 1), 4, 64, True, False),  # input rows copied (1 KB stride)
+    # an absorbed BN + ReLU before the conv (the prologue): per row of the quantization, inlined
+    ((1, 64, 5, 5), 16, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, False, ("subtract", "divide", "multiply", "add")),
+    ((1, 40, 6, 6), 8, (3, 3), (1, 1), (1, 1, 1, 1), 4, 32, True, False, ("multiply", "add")),
 ]
 
 
@@ -89,9 +92,10 @@ def _run_cases(remote, tmp_path, target_name, isa):
     target = spec.tvm_target()
     _run_fp32_convs(remote, tmp_path, spec, target)
     dev = remote.cpu()
-    for i, (in_shape, co, k, s, p, bits, block, uns, residual) in enumerate(CASES):
+    for i, (in_shape, co, k, s, p, bits, block, uns, residual, *pro) in enumerate(CASES):
+        ops = tuple(pro[0]) if pro else ()
         layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
-                            "int8", residual)
+                            "int8", residual, prologue=ops, prologue_relu=bool(ops))
         func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
         intrin = dot_intrin(func, target)
         if bits <= 6 or isa == "sdot":
@@ -108,7 +112,14 @@ def _run_cases(remote, tmp_path, target_name, isa):
         qw = quantize_weight(rng.standard_normal((co, in_shape[1], *k)).astype(np.float32), bits, block, "l2",
                              "float32")
         bias = rng.standard_normal(co).astype(np.float32)
-        args = [x, *layer_params(layer, qw.q, qw.xi, bias)]
+        # prologue: BN-like constants, every op rounded on its own as numpy does (no FMA)
+        consts = [(rng.random(in_shape[1]) + 0.5 if op in ("divide", "multiply") else
+                   rng.standard_normal(in_shape[1])).astype(np.float32) for op in ops]
+        args = [x, *layer_params(layer, qw.q, qw.xi, bias), *consts]
+        for op, const in zip(ops, consts):
+            x = getattr(np, op)(x, const[:, None, None]).astype(np.float32)
+        if ops:
+            x = np.maximum(x, 0)
         res = rng.standard_normal(layer.out_shape).astype(np.float32) if residual else None
         if res is not None:
             args.append(res)

@@ -46,18 +46,30 @@ def _run_layer(layer: DSConvLayer, seed: int, scheduled: bool = True, target=HOS
     x = rng.standard_normal(layer.in_shape).astype(np.float32) * 3
     if layer.unsigned:
         x = np.maximum(x, 0)
+    pro = []
+    if layer.has_prologue:
+        # BN-like constants; numpy rounds every op on its own (no FMA), the kernel must too: one
+        # product rounded otherwise would flip mantissas of ~0.1 % of the outputs (well beyond RTOL)
+        x = rng.standard_normal(layer.in_shape).astype(np.float32) * 3
+        pro = [(rng.random(c) + 0.5 if op == "divide" else
+                (rng.random(c) + 0.5) * rng.choice([-1, 1], c) if op == "multiply" else
+                rng.standard_normal(c)).astype(np.float32) for op in layer.prologue]
     wf = rng.standard_normal((co, c, kh, kw)).astype(np.float32)
     qw = quantize_weight(wf, layer.bits, layer.block, "l2", layer.scale_dtype)
     bias = rng.standard_normal(co).astype(np.float32) if layer.has_bias else None
     func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
     mod = schedule_dsconv_cpu(func, target, tile).mod if scheduled else func
     ex = tvm.compile(mod, target)
-    args = [x, *layer_params(layer, qw.q, qw.xi, bias)]
+    args = [x, *layer_params(layer, qw.q, qw.xi, bias), *pro]
     res = rng.standard_normal(layer.out_shape).astype(np.float32) if layer.has_residual else None
     if res is not None:
         args.append(res)
     out = tvm.runtime.tensor(np.zeros(layer.out_shape, np.float32))
     ex(*[tvm.runtime.tensor(a) for a in args], out)
+    for op, const in zip(layer.prologue, pro):
+        x = getattr(np, op)(x, const[:, None, None]).astype(np.float32)
+    if layer.prologue_relu:
+        x = np.maximum(x, 0)
     ref = dsconv2d(x, qw.q, qw.xi, layer.block, layer.mantissa, layer.geom, bias, layer.unsigned)
     if res is not None:
         ref = ref + res
@@ -110,6 +122,43 @@ TENSORIZED = [
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, "int8", False),
     ((1, 64, 7, 7), 24, (1, 1), (1, 1), (0, 0, 0, 0), 8, 32, True, "uint8", True),     # 8-bit, 24 = 3 x 8
 ]
+
+
+BN = ("subtract", "divide", "multiply", "add")
+PROLOGUE = [
+    # in_shape, CO, kernel, padding, bits, block, prologue ops, relu, act_dtype
+    ((1, 64, 7, 7), 32, (1, 1), (0, 0, 0, 0), 4, 32, ("multiply", "add"), True, "uint8"),   # DenseNet
+    ((1, 40, 6, 6), 16, (3, 3), (1, 1, 1, 1), 4, 32, BN + ("multiply", "add"), True, "uint8"),  # padding
+    ((1, 48, 6, 6), 16, (1, 1), (0, 0, 0, 0), 2, 16, BN, False, "uint8"),    # BN alone: signed
+    ((1, 32, 5, 5), 8, (3, 3), (1, 1, 1, 1), 4, 32, (), True, "uint8"),       # ReLU alone
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1, 1, 1), 4, 32, ("multiply", "add"), True, "int8"),    # ARM storage
+    ((1, 10, 5, 5), 6, (3, 3), (1, 1, 1, 1), 6, 4, ("add",), True, "uint8"),  # plain schedule path
+    ((1, 40, 5, 5), 16, (1, 1), (0, 0, 0, 0), 4, 32, BN + ("multiply", "add"), True, "uint8"),  # 32 + 8
+    ((1, 20, 5, 5), 8, (1, 1), (0, 0, 0, 0), 4, 6, ("multiply", "add"), True, "uint8"),   # slots > block
+]
+
+
+@pytest.mark.parametrize("path", ["host", "avx2", "plain"])
+@pytest.mark.parametrize("case", PROLOGUE,
+                         ids=lambda c: f"{c[0]}-k{c[2]}-b{c[4]}B{c[5]}-{len(c[6])}ops-r{int(c[7])}-{c[8]}")
+def test_prologue_kernels_match_reference(case, path):
+    """A layer that applies per-channel ops (an absorbed BN) and / or a ReLU to its float input
+    before quantizing it: the same integers and output as numpy on the prologue's output."""
+    in_shape, co, k, p, bits, block, ops, relu, act = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry((1, 1), p), bits, block, 8, relu, "float32", True, "relu",
+                        act, prologue=ops, prologue_relu=relu)
+    assert dsconv_primfunc(layer).script().count("pro_") >= len(ops)
+    _run_layer(layer, seed=co + bits, target=RUNNABLE[path])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_prologue_rounds_every_op_on_its_own(k):
+    """On a DenseNet-sized input (128 x 56 x 56; per row and inlined), a multiply-add contracted
+    to an FMA would round ~15 % of the prologue's values differently from numpy and flip some
+    mantissas, far beyond the tolerance: the kernel keeps every float32 op separate."""
+    layer = DSConvLayer((1, 128, 56, 56), 32, (k, k), ConvGeometry((1, 1), (k // 2,) * 4), 4, 64, 8, True,
+                        "float32", False, "none", prologue=("multiply", "add"), prologue_relu=True)
+    _run_layer(layer, seed=7)
 
 
 def test_narrower_intrinsic_when_the_wide_one_does_not_divide_the_channels():
