@@ -415,16 +415,19 @@ def _channel_loads_conflict(sch: s_tir.Schedule) -> bool:
     from math import gcd
 
     blk = sch.get(sch.get_sblock("bfp_m"))
+    if _input_index(sch) is None:             # reads a prologue's row buffer (B x W floats, in L1)
+        return False
     _, c, h, w = (int(v) for v in blk.reads[_input_index(sch)].source.shape)
     lines = h * w * 4 // 64 if h * w * 4 % 64 == 0 else 1       # an unaligned stride spreads them
     sets = L1_SETS // gcd(lines, L1_SETS)
     return sets * L1_WAYS < min(c, int(blk.writes[0].source.shape[-1]))
 
 
-def _input_index(sch: s_tir.Schedule) -> int:
-    """The index of the float input ``x`` among the buffers ``bfp_m`` reads."""
+def _input_index(sch: s_tir.Schedule) -> int | None:
+    """The index of the float input ``x`` among the buffers ``bfp_m`` reads (None: it reads a
+    prologue's row buffer instead)."""
     reads = sch.get(sch.get_sblock("bfp_m")).reads
-    return next(i for i, r in enumerate(reads) if r.source.name == "x")
+    return next((i for i, r in enumerate(reads) if r.source.name == "x"), None)
 
 
 def _copy_input_rows(sch: s_tir.Schedule, row, *readers) -> None:
