@@ -26,8 +26,8 @@ Defaults (documented in README.md):
   packed format follows its own bits (the backend's layout: on CPUs 2-bit weights four per byte,
   3-/4-bit two per byte, wider ones one byte each; on CUDA <= 4 bits two per byte).
 * ``fuse_bfp=True``: where a DSConv layer's output is the input of DSConv layers (all of the same
-  BFP format: block, mantissa, slots, sums), the producer's epilogue writes their BFP input
-  (mantissas, exponents, block sums where their kernels need them) and they read it: no separate
+  BFP format: block, mantissa, signedness, slots), the producer's epilogue writes their BFP input
+  (mantissas, exponents) and they read it: no separate
   quantization pass, and the float tensor is written only when something else uses it too
   (:mod:`dsconv_tvm.rewrite.chain`).  Used where the backend says it pays (``Backend.fuses_bfp``:
   x86 kernels; not ARM, not CUDA).  The bits are the same either way.

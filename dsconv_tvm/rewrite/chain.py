@@ -1,20 +1,18 @@
 """Fused BFP between DSConv layers: which converted layers hand their output to the next ones in
 block floating point instead of float32.
 
-A layer (the producer) whose output is the input of converted layers (the consumers) writes, in
-its epilogue, the consumers' BFP input -- stored mantissas, block exponents and, where the
-consumers' kernels need them (x86 4-bit weights, not ARM's two's complement nibbles), the
-per-pixel block sums of the offset correction -- and the consumers read it instead of quantizing a
-float tensor in a separate pass.  Conditions: the backend has such kernels, every consumer reads
-the same BFP format (block, mantissa bits, signedness, sums), the producer's output channels are a
-whole number of those blocks (its schedule quantizes a pixel tile once all of a block's channels
-are done), and the producer is a conv (not a classifier run as a 1x1 conv).  When something else
-uses the float output too (a pooling, the model's output, a depthwise conv, another consumer
-format) the producer is not chained; when that something is only the residual add of chained
-producers (a ResNet bottleneck's output, also read by the next bottleneck's residual add), it is,
-and that float tensor travels channel-innermost (:func:`_chain_residual_streams`).  A residual add
-and the activation are in the producer's epilogue, so they are fused with the quantization too.
-"""
+A layer (the producer) whose output is the input of converted layers (the consumers) writes, in its
+epilogue, the consumers' BFP input -- stored mantissas and block exponents -- and the consumers read
+it instead of quantizing a float tensor in a separate pass. Conditions: the backend has such
+kernels, every consumer reads the same BFP format (block, mantissa bits, signedness, slots), the
+producer's output channels are a whole number of those blocks (its schedule quantizes a pixel tile
+once all of a block's channels are done), and the producer is a conv (not a classifier run as a 1x1
+conv). When something else uses the float output too (a pooling, the model's output, a depthwise
+conv, another consumer format) the producer is not chained; when that something is only the residual
+add of chained producers (a ResNet bottleneck's output, also read by the next bottleneck's residual
+add), it is, and that float tensor travels channel-innermost (:func:`_chain_residual_streams`). A
+residual add and the activation are in the producer's epilogue, so they are fused with the
+quantization too."""
 
 from __future__ import annotations
 
@@ -37,13 +35,13 @@ class PlannedLayer:
 
     def out_sinfo(self, func) -> list:
         """Relax tensor types of its outputs, read from its PrimFunc ``func``: the float output
-        and/or the consumers' BFP input (mantissas, exponents, [sums]) in the backend's layout."""
+        and/or the consumers' BFP input (mantissas, exponents) in the backend's layout."""
         from tvm import relax
 
         layer = self.layer
         count = 1
         if layer.bfp_output is not None:
-            count = int(layer.fp32_output) + 2 + int(layer.bfp_output.sums)
+            count = int(layer.fp32_output) + 2
         bufs = list(func.params)[-count:]            # buffer-typed params: shape, dtype
         return [relax.TensorType([int(d) for d in b.shape], str(b.dtype)) for b in bufs]
 

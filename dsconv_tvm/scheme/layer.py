@@ -26,8 +26,6 @@ class BFPFormat:
     block: int
     mantissa: int
     unsigned: bool
-    sums: bool                   # the per-pixel block sums of the stored mantissas (the backend's
-    #                              Backend.bfp_format says whether its consumers need them)
     slots: int                   # channel slots per block of the stored mantissas (Bp, >= block)
 
 
@@ -48,9 +46,9 @@ class DSConvLayer:
     activation: str = "none"
     act_dtype: str = "uint8"                   # mantissa storage (uint8: x86, int8: ARM)
     has_residual: bool = False                 # epilogue adds a tensor of the output's shape
-    # fused BFP between layers: the input arrives already quantized (mantissas, exponents, block
-    # sums written by the producer's epilogue); the output is also (or only) written quantized for
-    # the consumers' format
+    # fused BFP between layers: the input arrives already quantized (mantissas and exponents written
+    # by the producer's epilogue); the output is also (or only) written quantized for the
+    # consumers' format
     bfp_input: bool = False
     bfp_output: BFPFormat | None = None
     fp32_output: bool = True

@@ -12,16 +12,14 @@ Stages (see :mod:`dsconv_tvm.backends.common` for the shared ones):
    a byte subtraction of the offset, shared by the register tile's pixels), on ARM
    (:func:`.layout.signed_dot`) as ``w`` itself (two's complement: sign-extended with a left shift
    and an arithmetic right shift, see :func:`packed_field`)
-   ``bfp_sum``  per pixel and block, the sum of the stored mantissas (b <= 4, x86 only)
    ``dsconv_acc``  int32 dot products over the Bp channels of one block at one kernel tap;
-4. ``dsconv_out``  float32 sum over blocks and taps of (acc - 2^(field-1) * bfp_sum - corr) * xi * scale
-   (ARM: no bfp_sum);
+4. ``dsconv_out``  float32 sum over blocks and taps of (acc - corr) * xi * scale;
 5. ``dsconv_epilogue``  + bias, + residual, then the activation (shared).
 
 Fused BFP between layers (``layer.bfp_input`` / ``layer.bfp_output``, see docs/kernels.md): a
-consumer takes the stored mantissas, exponents and (x86 2- to 4-bit weights) sums instead of ``x``
+consumer takes the stored mantissas and exponents instead of ``x``
 (stages 1-2 reduce to ``bfp_s``); a producer quantizes its epilogue's output for its consumers with the same stages
-(``next_amax``, ``next_bfp_e``, ``next_m``, ``next_sum``) and writes those instead of (or, with
+(``next_amax``, ``next_bfp_e``, ``next_m``) and writes those instead of (or, with
 ``layer.fp32_output``, besides a copy ``dsconv_fp32`` of) the float output.
 
 The weight and mantissa layout is in :mod:`.layout`; the schedule in :mod:`.schedule`.
@@ -36,7 +34,6 @@ from ..common import (
     block_scaled_sum,
     clamp_index,
     epilogue,
-    in_image,
     layer_primfunc,
     prologue_reader,
 )
@@ -44,7 +41,6 @@ from .layout import (
     TAP,
     act_offset,
     field_bits,
-    needs_sums,
     per_byte,
     signed_dot,
     slots,
@@ -77,9 +73,8 @@ def dsconv_te(layer: DSConvLayer):
     """TE tensors of one DSConv layer: returns (inputs, outputs) for ``te.create_prim_func``.
 
     Inputs: the float input ``x`` [N, C, H, W], or (``layer.bfp_input``) its BFP form as the
-    producer layer wrote it: stored mantissas ``[N, G, H, W, Bp]``, exponents ``[N, G, H, W]`` and
-    (:func:`.layout.needs_sums`: x86 2- to 4-bit weights) the mantissa sums ``[N, G, H, W]``; then the
-    constants and the residual.
+    producer layer wrote it: stored mantissas ``[N, G, H, W, Bp]`` and exponents ``[N, G, H, W]``;
+    then the constants and the residual.
     Outputs: the float output (unless ``layer.fp32_output`` is off) and, for
     ``layer.bfp_output``, the consumers' BFP input in that layout (:func:`quantized_output`)."""
     from tvm import te, tirx
@@ -95,9 +90,9 @@ def dsconv_te(layer: DSConvLayer):
     _, _, oh, ow = layer.out_shape
     z = act_offset(layer)
 
-    # packed weights in offset binary (x86: w + 2^(field-1)) are made signed bytes in the unpack;
-    # ARM's are two's complement fields (signed_dot), int8 weights bytes: no mantissa sums needed
-    signed, sums = signed_dot(layer), needs_sums(layer)
+    # packed weights in offset binary (x86: w + 2^(field-1)) are made signed bytes in the unpack
+    # (no offset x mantissa sum to subtract); ARM's are two's complement fields (signed_dot)
+    signed = signed_dot(layer)
     npb, field, w_off = per_byte(layer.bits), field_bits(layer.bits), weight_offset(layer.bits, signed)
     # the prologue's constants, one per op (after the bias, before the residual in the params)
     prologue = [te.placeholder((c,), "float32", name=f"pro_{op}{i}") for i, op in enumerate(layer.prologue)]
@@ -106,10 +101,8 @@ def dsconv_te(layer: DSConvLayer):
             raise ValueError("a layer with a prologue reads the float input, not fused BFP")
         inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
                   te.placeholder((n, g, h, w), "int32", name="x_exp")]
-        if sums:
-            inputs.append(te.placeholder((n, g, h, w), "int32", name="x_sum"))
         bfp = bfp_stages(None, layer, _OTHER, exponents=inputs[1])
-        mant_at, sum_at = padded_bfp_input(layer, inputs[0], inputs[2] if sums else None)
+        mant_at = padded_bfp_input(layer, inputs[0])
     else:
         x = te.placeholder((n, c, h, w), "float32", name="x")
         inputs = [x]
@@ -124,9 +117,7 @@ def dsconv_te(layer: DSConvLayer):
                            attrs=_OTHER)
         bfp = bfp_stages(x, layer, _OTHER, whole_blocks=layer.has_prologue, vector_rint=True)
         bfp_m = stored_mantissas(bfp, layer, "bfp_m")
-        bfp_sum = mantissa_sums(bfp_m, "bfp_sum") if sums else None
         mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
-        sum_at = (lambda *i: bfp_sum[i]) if bfp_sum is not None else None  # noqa: E731
     wq = te.placeholder(weight_shape(layer), weight_dtype(layer.bits), name="w_packed")
     xi = te.placeholder((g, kh, kw, co), layer.scale_dtype, name="xi")
     inputs += [wq, xi]
@@ -165,10 +156,6 @@ def dsconv_te(layer: DSConvLayer):
 
     def _block_int(nn, gg, i, j, p, q, o):
         v = acc[nn, gg, i, j, p, q, o]
-        if sum_at is not None:
-            # the dot product with w + offset has offset x the block's mantissa sum too much
-            # (subtracted with the constant correction)
-            v = v - sum_at(nn, gg, p * sh + i * dh, q * sw + j * dw) * w_off
         return v - corr[gg, i, j, o] if corr is not None else v
 
     out = block_scaled_sum(layer, _block_int, xi, bfp.bfp_s, attrs={"schedule_rule": "dsconv"})
@@ -205,41 +192,24 @@ def stored_mantissas(bfp, layer: DSConvLayer, name: str, bp: int | None = None):
                       name=name, attrs=_OTHER)
 
 
-def mantissa_sums(mant, name: str):
-    """Per pixel and block, the sum of the stored mantissas ``mant`` [N, G, H, W, Bp] (int32)."""
-    from tvm import te
-
-    rs = te.reduce_axis((0, int(mant.shape[-1])), name="rs")
-    return te.compute(tuple(mant.shape[:-1]),
-                      lambda nn, gg, yy, xx: te.sum(mant[nn, gg, yy, xx, rs].astype("int32"), axis=rs),
-                      name=name, attrs=_OTHER)
-
-
-def padded_bfp_input(layer: DSConvLayer, mant, sums):
-    """Readers ``(n, g, y, x, k) -> stored mantissa`` and ``(n, g, y, x) -> sum`` of a BFP input at
-    padded positions, read in place (no padded copy): outside the image they read the nearest
-    pixel (the index clamped, so speculated vector loads stay inside) and the sum ``Bp * z``;
-    that block's scale is 0 there (``bfp_s``), so the term is 0 whatever the integers are."""
-    from tvm import tirx
-
+def padded_bfp_input(layer: DSConvLayer, mant):
+    """The reader ``(n, g, y, x, k) -> stored mantissa`` of a BFP input at padded positions, read in
+    place (no padded copy): outside the image it reads the nearest pixel (the index clamped, so
+    speculated vector loads stay inside); that block's scale is 0 there (``bfp_s``), so the term
+    is 0 whatever the integers are."""
     _, _, h, w = layer.in_shape
     pt, pl, _, _ = layer.geom.padding
-    z, bp = act_offset(layer), slots(layer)
 
     def _mant_at(nn, gg, yy, xx, k):
         return mant[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w), k]
 
-    def _sum_at(nn, gg, yy, xx):
-        v = sums[nn, gg, clamp_index(yy - pt, h), clamp_index(xx - pl, w)]
-        return tirx.if_then_else(in_image(layer, yy, xx), v, tirx.const(bp * z, "int32"))
-
-    return _mant_at, _sum_at if sums is not None else None
+    return _mant_at
 
 
 def output_view(layer: DSConvLayer) -> DSConvLayer:
     """The consumers' view of ``layer``'s output: an unpadded input of their BFP format (what
-    :func:`quantized_output` quantizes for; the slots and sums come from the format, not from the
-    view's weight bits)."""
+    :func:`quantized_output` quantizes for; the slots come from the format, not from the view's
+    weight bits)."""
     fmt = layer.bfp_output
     return DSConvLayer(layer.out_shape, layer.out_channels, (1, 1), ConvGeometry(), 8, fmt.block, fmt.mantissa,
                        fmt.unsigned, act_dtype=layer.act_dtype)
@@ -248,14 +218,13 @@ def output_view(layer: DSConvLayer) -> DSConvLayer:
 def quantized_output(layer: DSConvLayer, y) -> list:
     """The epilogue's output ``y`` quantized for the consumers (``layer.bfp_output``), with the
     same stages as a layer quantizing its own input: stored mantissas ``next_m``
-    [N, G', OH, OW, Bp'], exponents ``next_bfp_e`` [N, G', OH, OW] and, when the consumers
-    need them, mantissa sums ``next_sum``."""
+    [N, G', OH, OW, Bp'] and exponents ``next_bfp_e`` [N, G', OH, OW]."""
     fmt, view = layer.bfp_output, output_view(layer)
     whole = view.in_shape[1] % fmt.block == 0 and fmt.slots == fmt.block
     # rounded like the consumers' own quantization pass (the vectorizable tirx.round)
     stages = bfp_stages(y, view, _OTHER, prefix="next_", whole_blocks=whole, vector_rint=True)
     mant = stored_mantissas(stages, view, "next_m", fmt.slots)
-    return [mant, stages.bfp_e] + ([mantissa_sums(mant, "next_sum")] if fmt.sums else [])
+    return [mant, stages.bfp_e]
 
 
 def dsconv_primfunc(layer: DSConvLayer):
@@ -282,7 +251,7 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
     fmt = layer.bfp_output
     if fmt is not None:
         out += (f" bfp_out=block:{fmt.block},mantissa:{fmt.mantissa},unsigned:{int(fmt.unsigned)},"
-                f"sums:{int(fmt.sums)},slots:{fmt.slots} fp32_out={int(layer.fp32_output)}")
+                f"slots:{fmt.slots} fp32_out={int(layer.fp32_output)}")
     if layer.fp32_nhwc:
         out += " fp32_nhwc=1"
     if layer.residual_nhwc:

@@ -84,20 +84,10 @@ def signed_dot(layer: DSConvLayer) -> bool:
     return layer.act_dtype == "int8"
 
 
-def needs_sums(layer: DSConvLayer) -> bool:
-    """Whether the layer's kernel needs the per-pixel sums of its stored mantissas: never any more.
-    x86's offset-binary fields are made signed bytes in the unpack (``field - 2^(field-1)``: one
-    byte subtraction per weight vector, shared by a register tile's pixels) instead of subtracting
-    the offset x the mantissa sum from every (block, tap, pixel) accumulator."""
-    del layer
-    return False
-
-
 def bfp_format(layer: DSConvLayer) -> BFPFormat:
     """The BFP format in which ``layer`` reads its input from a fused producer: its slots per block
-    (:func:`slots`, 16-channel steps for 2-bit weights) and the sums only where :func:`needs_sums`
-    (they do not depend on the weight offset, which the consumer applies)."""
-    return BFPFormat(layer.block, layer.mantissa, layer.unsigned, needs_sums(layer), slots(layer))
+    (:func:`slots`, 16-channel steps for 2-bit weights)."""
+    return BFPFormat(layer.block, layer.mantissa, layer.unsigned, slots(layer))
 
 
 def pack_weights(q: np.ndarray, bits: int, block: int, signed: bool = False) -> np.ndarray:
@@ -156,15 +146,11 @@ def bfp_input_arrays(x: np.ndarray, layer: DSConvLayer) -> list[np.ndarray]:
     """numpy: the BFP form of ``layer``'s float input ``x`` [N, C, H, W] as a layer with
     ``bfp_input`` reads it (and a producer with ``bfp_output`` = :func:`bfp_format` of it writes
     it): stored mantissas ``[N, G, H, W, Bp]`` (``act_dtype``, offset ``z``, ``z`` in the empty
-    slots), exponents ``[N, G, H, W]`` int32 and, where :func:`needs_sums`, the sums of the stored
-    mantissas."""
+    slots) and exponents ``[N, G, H, W]`` int32."""
     n, _, h, w = x.shape
     g, bsz, bp = layer.groups, layer.block, slots(layer)
     m, e = bfp_quantize(x, bsz, layer.mantissa, layer.unsigned)          # N, G*B, H, W
     stored = np.zeros((n, g, h, w, bp), np.int64)
     stored[..., :bsz] = m.reshape(n, g, bsz, h, w).transpose(0, 1, 3, 4, 2)
     stored += act_offset(layer)
-    out = [stored.astype(layer.act_dtype), e.astype(np.int32)]
-    if needs_sums(layer):
-        out.append(stored.sum(axis=-1).astype(np.int32))
-    return out
+    return [stored.astype(layer.act_dtype), e.astype(np.int32)]

@@ -72,7 +72,7 @@ def dot_intrin(func: tirx.PrimFunc, target: Target):
 
 def output_format(func: tirx.PrimFunc) -> dict[str, int] | None:
     """The BFP output a DSConv PrimFunc writes for its consumers, as its DSConv attribute gives it
-    (block, mantissa, unsigned, sums, slots; None: none)."""
+    (block, mantissa, unsigned, slots; None: none)."""
     fmt = layer_attr_value(func, "bfp_out")
     if fmt is None:
         return None
@@ -254,18 +254,13 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
         sch.parallel(sch.fuse(*loops[:3]))
         sch.vectorize(loops[-1])
     _copy_input_rows(sch, sch.get_loops(sch.get_sblock("bfp_m"))[0])
-    msum = get_block(sch, "bfp_sum")
-    if msum is not None:                 # per pixel: the sum over the block's mantissas
-        loops = sch.get_loops(msum)
-        sch.parallel(sch.fuse(*loops[:3]))
-        sch.decompose_reduction(msum, loops[-1])
     return sch
 
 
 def _quantize_tile(sch: s_tir.Schedule, qo) -> None:
     """The consumers' BFP of one pixel tile, under its loop ``qo``: all the output block's channels
     of these pixels have just been written by the epilogue (a few KB, in L1), so the block max,
-    exponents, mantissas (channel-innermost) and their sums are computed from there; the float
+    exponents and mantissas (channel-innermost) are computed from there; the float
     tile is never written to memory unless the float output is kept too."""
     # the float tile channel-innermost, as the register tile holds it (vectors of output
     # channels) and as the mantissas are stored: contiguous vector writes and reads
@@ -282,13 +277,9 @@ def _quantize_tile(sch: s_tir.Schedule, qo) -> None:
     if fp32 is not None:             # the float output too (NCHW or NHWC): from the tile
         sch.reverse_compute_at(fp32, qo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(fp32)[-1])
-    for name in ("next_bfp_e", "next_m", "next_sum"):
+    for name in ("next_bfp_e", "next_m"):
         blk = get_block(sch, name)
-        if blk is None:
-            continue
-        if name == "next_sum":
-            _vector_reduce(sch, blk, qo)
-        else:
+        if blk is not None:           # (none: only the float output, channel-innermost)
             sch.reverse_compute_at(blk, qo, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(blk)[-1])
 
@@ -329,12 +320,12 @@ def _vector_reduce(sch: s_tir.Schedule, blk, loop, lanes: int = 16) -> None:
     init = sch.decompose_reduction(blk, lane)
     sch.vectorize(sch.get_loops(init)[-1])
 def _quantize_rows(sch: s_tir.Schedule, prefix: str) -> None:
-    """BFP stages (``prefix`` + amax, bfp_e, bfp_s; bfp_m, bfp_sum or next_m, next_sum) as
+    """BFP stages (``prefix`` + amax, bfp_e, bfp_s; bfp_m or next_m) as
     separate passes, parallel over (image, block, row), vectorized along the row: the quantized
     output of a layer whose channels are no whole number of output blocks, or the padding and
     scales of a BFP input."""
     names = [prefix + "amax", prefix + "bfp_e", prefix + "bfp_s"]
-    names += ["next_m", "next_sum"] if prefix else ["bfp_m", "bfp_sum"]
+    names += ["next_m"] if prefix else ["bfp_m"]
     for name in names:
         blk = get_block(sch, name)
         if blk is None:
@@ -343,8 +334,8 @@ def _quantize_rows(sch: s_tir.Schedule, prefix: str) -> None:
         if name.endswith("amax"):
             sch.reorder(loops[4], loops[3])
         sch.parallel(sch.fuse(*loops[:3]))
-        if sch.get(blk).init is not None:                  # a reduction: amax, next_sum
-            sch.decompose_reduction(blk, sch.get_loops(blk)[-2 if name.endswith("amax") else -1])
+        if sch.get(blk).init is not None:                  # a reduction: amax
+            sch.decompose_reduction(blk, sch.get_loops(blk)[-2])
         else:
             sch.vectorize(loops[-1])
 
@@ -365,7 +356,7 @@ def _slots_are_block(sch: s_tir.Schedule) -> bool:
 
 def _bfp_rows(sch: s_tir.Schedule) -> None:
     """The BFP stages of an unpadded layer as one parallel loop over (image, block, row): the
-    row's block max, then its scales, mantissas and mantissa sums while the row (B channels x W
+    row's block max, then its scales and mantissas while the row (B channels x W
     floats) is in L1 -- one parallel region instead of five (a thread barrier each), the input
     read from memory once.  The exponent is recomputed from the max where it is used (a few
     integer operations, the same bits).  Schedule only: the same integers as separate passes."""
@@ -396,10 +387,6 @@ def _bfp_rows(sch: s_tir.Schedule) -> None:
         blk = sch.get_sblock(name)
         sch.reverse_compute_at(blk, row, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(blk)[-1])
-    msum = get_block(sch, "bfp_sum")
-    if msum is not None:
-        sch.reverse_compute_at(msum, row, preserve_unit_loops=True)
-        sch.decompose_reduction(msum, sch.get_loops(msum)[-1])
     _copy_input_rows(sch, row, amax)
 
 

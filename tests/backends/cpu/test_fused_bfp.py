@@ -1,8 +1,8 @@
 """Fused BFP between DSConv layers: a producer whose epilogue writes its consumers' BFP input
-(mantissas, exponents, block sums) and a consumer that reads it, against the numpy reference.
+(mantissas, exponents) and a consumer that reads it, against the numpy reference.
 
-The integers must be exactly the numpy ones: the producer's exponents, stored mantissas and sums
-are those of ``bfp_quantize`` applied to the producer's own float output, and a consumer given BFP
+The integers must be exactly the numpy ones: the producer's exponents and stored mantissas are
+those of ``bfp_quantize`` applied to the producer's own float output, and a consumer given BFP
 input computes bit for bit what the same layer computes from the float input."""
 
 import dataclasses
@@ -32,7 +32,7 @@ PRODUCERS = [
     ((1, 64, 8, 8), 128, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, True, True, "none", (64, 8, False)),  # signed
     ((1, 32, 7, 7), 48, (3, 3), (2, 2), (1, 1, 1, 1), 4, 32, True, False, "relu", (16, 7, True)),
     ((1, 32, 6, 6), 40, (1, 1), (1, 1), (0, 0, 0, 0), 4, 32, True, False, "relu", (32, 8, True)),   # 40 % 32
-    ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, True, False, "relu", (32, 8, False)),  # int8, no sums
+    ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, True, False, "relu", (32, 8, False)),  # int8 weights
     ((1, 16, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 4, 16, True, False, "none", (4, 6, False)),   # 4 < 8 slots
     ((1, 32, 6, 6), 32, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, True, "relu", (32, 8, True)),    # crumbs
     ((1, 16, 6, 6), 24, (1, 1), (1, 1), (0, 0, 0, 0), 2, 16, False, False, "relu6", (8, 8, True)),  # 8 < 16 slots
@@ -40,8 +40,7 @@ PRODUCERS = [
 
 
 def producer_layer(case, act_dtype="uint8", fp32_output=True):
-    """The producer of ``case``; its consumers have its weight bits, so their format has the sums
-    where their kernels need them (x86 4-bit weights; not ARM's two's complement nibbles)."""
+    """The producer of ``case``; its consumers have its weight bits (their format's slots)."""
     in_shape, co, k, s, p, bits, block, uns, res, act, fmt = case
     layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, act, act_dtype,
                         res)
@@ -49,25 +48,24 @@ def producer_layer(case, act_dtype="uint8", fp32_output=True):
     return dataclasses.replace(layer, bfp_output=bfp_format(consumer), fp32_output=fp32_output)
 
 
-def test_bfp_format_has_no_sums():
-    """No CPU kernel needs the consumers' mantissa sums: x86's offset-binary fields (w + 8) are made
-    signed bytes in the unpack, ARM's are two's complement, int8 weights are bytes already."""
+def test_bfp_format_slots():
+    """The BFP format a consumer reads: its block, mantissa bits, signedness and slots per block
+    (x86 and ARM alike: no mantissa sums, x86's offset-binary weight fields are made signed bytes
+    in the unpack)."""
     def fmt(bits, act):
         return bfp_format(DSConvLayer((1, 32, 4, 4), 16, (1, 1), ConvGeometry(), bits, 32, 8, True, act_dtype=act))
 
-    assert fmt(4, "uint8") == BFPFormat(32, 8, True, sums=False, slots=32)
-    assert fmt(4, "int8") == BFPFormat(32, 8, True, sums=False, slots=32)
-    assert not fmt(2, "uint8").sums and not fmt(2, "int8").sums
-    assert not fmt(8, "uint8").sums and not fmt(8, "int8").sums
+    assert fmt(4, "uint8") == fmt(4, "int8") == BFPFormat(32, 8, True, slots=32)
+    assert fmt(8, "uint8") == BFPFormat(32, 8, True, slots=32)
     # 2-bit weights (crumbs) are unpacked in 16-channel steps: a block of 8 takes 16 slots
     small = DSConvLayer((1, 24, 4, 4), 16, (1, 1), ConvGeometry(), 2, 8, 8, True)
-    assert bfp_format(small) == BFPFormat(8, 8, True, sums=False, slots=16)
+    assert bfp_format(small) == BFPFormat(8, 8, True, slots=16)
     assert bfp_format(dataclasses.replace(small, bits=4)).slots == 8
 
 
 def consumer_view(layer: DSConvLayer) -> DSConvLayer:
     """A 1x1 consumer of the producer's output in its BFP format (what bfp_input_arrays needs): one
-    whose weight width gives that format's slots and sums."""
+    whose weight width gives that format's slots."""
     fmt = layer.bfp_output
     for bits in (2, 4, 8):
         view = DSConvLayer(layer.out_shape, 16, (1, 1), ConvGeometry(), bits, fmt.block, fmt.mantissa, fmt.unsigned,
@@ -131,7 +129,7 @@ def check_producer(layer, outs, x, qw, bias, res, bfp_only=None):
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()) + 1e-6)
     expect = bfp_input_arrays(y, consumer_view(layer))
     assert len(outs) == 1 + len(expect)
-    for got, want, what in zip(outs[1:], expect, ("mantissas", "exponents", "sums")):
+    for got, want, what in zip(outs[1:], expect, ("mantissas", "exponents")):
         assert got.dtype == want.dtype, what
         np.testing.assert_array_equal(got, want, err_msg=what)
     if bfp_only is not None:
@@ -156,8 +154,8 @@ CONSUMERS = [
     ((1, 128, 7, 7), 32, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, True, True),
     ((1, 64, 9, 9), 32, (1, 1), (2, 2), (0, 0, 0, 0), 4, 32, False, False),   # stride 2, signed
     ((1, 40, 6, 6), 16, (3, 3), (2, 2), (0, 1, 2, 1), 4, 32, True, False),    # partial block, odd padding
-    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, False),   # int8 weights: no sums
-    ((1, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, False),    # crumbs: sums x 2
+    ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8, 32, False, False),   # int8 weights
+    ((1, 32, 8, 8), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, False),    # crumbs
     ((1, 24, 6, 6), 16, (3, 3), (2, 2), (0, 1, 2, 1), 2, 8, False, True),     # crumbs, block 8 in 16 slots
 ]
 
