@@ -121,6 +121,11 @@ TENSORIZED = [
     ((1, 48, 6, 6), 16, (1, 1), (1, 1), (0, 0, 0, 0), 2, 8, True, "uint8", False),     # B=8 < 16 slots
     ((1, 32, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 2, 32, True, "int8", False),
     ((1, 64, 7, 7), 24, (1, 1), (1, 1), (0, 0, 0, 0), 8, 32, True, "uint8", True),     # 8-bit, 24 = 3 x 8
+    # fully connected layers (1x1 maps: the matrix-vector schedule), 4-, 2- and 8-bit weights
+    ((1, 1024, 1, 1), 64, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, True, "uint8", False),
+    ((1, 512, 1, 1), 2064, (1, 1), (1, 1), (0, 0, 0, 0), 4, 64, False, "uint8", False),  # 2 chunks + 16
+    ((1, 256, 1, 1), 48, (1, 1), (1, 1), (0, 0, 0, 0), 2, 32, True, "uint8", False),
+    ((1, 192, 1, 1), 32, (1, 1), (1, 1), (0, 0, 0, 0), 8, 64, True, "uint8", False),
 ]
 
 
@@ -467,3 +472,15 @@ def test_depthwise_conv_default_schedule_matches_numpy(c, hw, k, s, tname):
     ref = sum(wn[None, :, 0, i, j, None, None] * xp[:, :, i:i + s * oh:s, j:j + s * oh:s]
               for i in range(k) for j in range(k))
     np.testing.assert_allclose(out.numpy(), np.clip(ref + bn, 0, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_connected_layers_read_the_weights_by_block():
+    """A 1x1 map (a fully connected layer): blocks outside the channel tiles, chunks of output
+    channels in parallel (the matrix-vector schedule of schedule._schedule_dense)."""
+    layer = DSConvLayer((1, 1024, 1, 1), 4096, (1, 1), ConvGeometry(), 4, 64, 8, True, "float32", True, "relu")
+    mod = schedule_dsconv_cpu(dsconv_primfunc(layer).with_attr("global_symbol", "main"), HOST).mod
+    text = mod.script()
+    assert "for rg, ri, rj, o_1 in T.grid(16, 1, 1, 32):" in text, text        # 1024 / 32 tiles per block
+    assert re.search(r"in T\.parallel\(4\)", text)                             # 4 chunks of 1024
+    layer_1000 = dataclasses.replace(layer, in_shape=(1, 256, 1, 1), out_channels=1000)
+    _run_layer(layer_1000, seed=3)
