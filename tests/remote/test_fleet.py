@@ -311,7 +311,9 @@ def test_a_board_killed_mid_run_costs_only_its_candidates(fleet, tmp_path):
     assert res.failures <= 2, (res.failures, res.first_error)
     v = res.boards[victim.address]
     assert 1 <= v["measured"] <= started, (v, started)
-    assert res.failures == v["failed"]
+    # (a candidate whose session to the dead board could not even be opened fails in MetaSchedule's
+    # runner before a board is known: it counts in res.failures, not in any board's line)
+    assert v["failed"] <= res.failures
     assert res.boards[survivor.address]["failed"] == 0
     assert fleet.sessions(0) > killed["survivor_sessions"]      # the survivor measured the rest
     recs = _records(work)
