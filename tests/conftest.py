@@ -200,22 +200,34 @@ def board_free_after_test(request):
 # ------------------------------------------------------------------------------------------------
 # shared helpers of the model tests
 # ------------------------------------------------------------------------------------------------
-def residual_model(path):
-    """conv-bn-relu, maxpool, a residual block (conv-bn-relu-conv-bn + identity, relu), 1x1 conv
-    with stride 2, dilated conv, avgpool, gemm: the ops the example models use."""
+def onnx_initializers(seed: int):
+    """Seeded makers of a test model's ONNX initializers, drawing from one generator in call order:
+    ``(rng, t, bn)`` with ``t(name, *shape, s=0.3)`` a normal tensor times ``s`` and
+    ``bn(prefix, c, s_beta=0.1, s_mean=0.1)`` a BatchNormalization's scale, bias, mean, variance
+    (scale and variance in [0.5, 1.5))."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
 
     def t(name, *shape, s=0.3):
         return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
 
-    def bn(prefix, c):
+    def bn(prefix, c, s_beta=0.1, s_mean=0.1):
         return [numpy_helper.from_array((rng.random(c) + 0.5).astype(np.float32), prefix + "_g"),
-                t(prefix + "_b", c, s=0.1), t(prefix + "_m", c, s=0.1),
+                t(prefix + "_b", c, s=s_beta), t(prefix + "_m", c, s=s_mean),
                 numpy_helper.from_array((rng.random(c) + 0.5).astype(np.float32), prefix + "_v")]
+
+    return rng, t, bn
+
+
+def residual_model(path):
+    """conv-bn-relu, maxpool, a residual block (conv-bn-relu-conv-bn + identity, relu), 1x1 conv
+    with stride 2, dilated conv, avgpool, gemm: the ops the example models use."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    _, t, bn = onnx_initializers(1)
 
     inits = [t("w0", 16, 3, 3, 3), *bn("bn0", 16), t("w1", 16, 16, 3, 3, s=0.1), *bn("bn1", 16),
              t("w2", 16, 16, 3, 3, s=0.1), *bn("bn2", 16), t("w3", 40, 16, 1, 1), t("b3", 40, s=0.1),

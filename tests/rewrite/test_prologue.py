@@ -3,7 +3,7 @@ input quantization: the pattern matched, the built model against the numpy refer
 
 import numpy as np
 import pytest
-from conftest import compiled_vs_reference  # noqa: E402
+from conftest import compiled_vs_reference, onnx_initializers  # noqa: E402
 
 from dsconv_tvm.config import DSConvConfig
 
@@ -15,15 +15,10 @@ def dense_block_model(path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(3)
-
-    def t(name, *shape, s=0.3):
-        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+    rng, t, bn_init = onnx_initializers(3)
 
     def bn(prefix, c):
-        return [numpy_helper.from_array((rng.random(c) + 0.5).astype(np.float32), prefix + "_g"),
-                t(prefix + "_b", c, s=0.5), t(prefix + "_m", c, s=0.3),
-                numpy_helper.from_array((rng.random(c) + 0.5).astype(np.float32), prefix + "_v")]
+        return bn_init(prefix, c, s_beta=0.5, s_mean=0.3)
 
     def affine(prefix, c):
         return [numpy_helper.from_array((rng.random((c, 1, 1)) + 0.5).astype(np.float32), prefix + "_s"),
