@@ -13,9 +13,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-#: the exponents rewritten: (x's power, sqrt(x)'s, sqrt(sqrt(x))'s), each 0 or 1, and 1/... or not
-_FORMS = {0.5: (0, 1, 0, False), 0.25: (0, 0, 1, False), 0.75: (0, 1, 1, False), 1.5: (1, 1, 0, False),
-          -0.5: (0, 1, 0, True), -0.25: (0, 0, 1, True), -0.75: (0, 1, 1, True)}
+#: |exponent| -> its factors with v = sqrt(x), w = sqrt(v); a negative exponent (-0.25, -0.5,
+#: -0.75: the reciprocal of a root) is 1 / the product
+_FACTORS = {0.25: ("w",), 0.5: ("v",), 0.75: ("v", "w"), 1.5: ("x", "v")}
 
 
 def _exponent(expr) -> float | None:
@@ -36,23 +36,23 @@ class _PowerToSqrt(relax.PyExprMutator):
         if getattr(call.op, "name", None) != "relax.power":
             return call
         x, e = call.args
-        form = _FORMS.get(_exponent(e))
-        if form is None or str(getattr(x.ty, "dtype", "")) != "float32":
+        c = _exponent(e)
+        factors = _FACTORS.get(abs(c)) if c is not None and c >= -1 else None
+        if factors is None or str(getattr(x.ty, "dtype", "")) != "float32":
             return call
         self.count += 1
         emit = self.builder_.emit
         v = emit(relax.op.sqrt(x))
-        factors = [f for f, use in ((x, form[0]), (v, form[1]), (emit(relax.op.sqrt(v)) if form[2] else None,
-                                                                  form[2])) if use]
-        out = factors[0]
+        named = {"x": x, "v": v, "w": emit(relax.op.sqrt(v)) if "w" in factors else None}
+        out = named[factors[0]]
         for f in factors[1:]:
-            out = emit(relax.op.multiply(out, f))
-        return relax.op.divide(relax.const(1.0, "float32"), out) if form[3] else out
+            out = emit(relax.op.multiply(out, named[f]))
+        return relax.op.divide(relax.const(1.0, "float32"), out) if c < 0 else out
 
 
 def power_to_sqrt(mod):
-    """``mod`` with every float32 ``power(x, c)``, ``c`` a key of :data:`_FORMS`, written with
-    square roots; returns (the module, how many were rewritten)."""
+    """``mod`` with every float32 ``power(x, c)``, ``|c|`` a key of :data:`_FACTORS` (c >= -1),
+    written with square roots; returns (the module, how many were rewritten)."""
     count = 0
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):

@@ -40,7 +40,7 @@ from ..scheme.layer import DSConvLayer, activation_for_bounds
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
 from .chain import GroupedConv, PlannedLayer, chain_layers
-from .prologue import match_prologue, single_user, static_shape
+from .prologue import const_value, match_prologue, single_user, static_shape
 from .report import ConversionReport, LayerReport
 
 _NONNEG_PASSTHROUGH = {
@@ -48,15 +48,6 @@ _NONNEG_PASSTHROUGH = {
     "relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
     "relax.nn.pad", "relax.strided_slice",
 }
-
-
-def _const_value(expr, bindings) -> np.ndarray | None:
-    seen = 0
-    while isinstance(expr, relax.Var) and expr in bindings and seen < 8:
-        expr, seen = bindings[expr], seen + 1
-    if isinstance(expr, tvm.ir.GenericConst):
-        return expr.value.numpy()
-    return None
 
 
 def _is_call(expr, op_name: str) -> bool:
@@ -67,7 +58,7 @@ def _scalar(expr, bindings) -> float | None:
     """The value of a constant scalar (a one-element constant tensor or an immediate), else None."""
     if isinstance(expr, (tirx.IntImm, tirx.FloatImm)):
         return float(expr.value)
-    value = _const_value(expr, bindings)
+    value = const_value(expr, bindings)
     return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
@@ -130,7 +121,7 @@ def _nonneg_vars(bindings: dict, clamps: dict) -> set:
     nonneg = set()
 
     def nonneg_arg(a):
-        return a in nonneg or (_const_value(a, bindings) is not None and float(np.min(_const_value(a, bindings))) >= 0)
+        return a in nonneg or (const_value(a, bindings) is not None and float(np.min(const_value(a, bindings))) >= 0)
 
     for var, value in bindings.items():
         if var in clamps:
@@ -269,7 +260,7 @@ class DSConvRewrite:
         nonneg, clamps = facts
         attrs = call.attrs
         data, weight = call.args[0], call.args[1]
-        w = _const_value(weight, bindings)
+        w = const_value(weight, bindings)
         in_shape = static_shape(data)
         if dense:
             if w is None or w.ndim != 2 or in_shape is None or len(in_shape) != 2 or in_shape[1] != w.shape[0]:
@@ -318,7 +309,7 @@ class DSConvRewrite:
         if nxt is not None and _is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
-            bval = _const_value(other, bindings)
+            bval = const_value(other, bindings)
             if bval is not None and bval.size == co and bval.ndim >= 1 and \
                     static_shape(nxt) == static_shape(end) and \
                     (bval.ndim == 1 or bval.shape[-2:] == (1, 1) or dense) and bval.ndim <= 4:
@@ -334,7 +325,7 @@ class DSConvRewrite:
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
-                    _const_value(other, bindings) is None and \
+                    const_value(other, bindings) is None and \
                     static_shape(other) == static_shape(end) == static_shape(nxt) and \
                     str(other.ty.dtype) == "float32":
                 residual = other

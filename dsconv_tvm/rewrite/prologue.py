@@ -57,16 +57,22 @@ def static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
+def const_value(expr, bindings) -> np.ndarray | None:
+    """The value of a constant, through up to 8 var-to-var bindings, else None."""
+    seen = 0
+    while isinstance(expr, relax.Var) and expr in bindings and seen < 8:
+        expr, seen = bindings[expr], seen + 1
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
 def _channel_const(expr, bindings, shape) -> np.ndarray | None:
     """The (C,) float32 values of a constant that broadcasts along the channels of an NCHW tensor
     of ``shape`` ([C, 1, 1] or [1, C, 1, 1]), else None."""
-    while isinstance(expr, relax.Var) and expr in bindings:
-        expr = bindings[expr]
-    if not isinstance(expr, tvm.ir.GenericConst):
-        return None
-    v = expr.value.numpy()
+    v = const_value(expr, bindings)
     c = shape[1]
-    if v.dtype != np.float32 or v.shape not in ((c, 1, 1), (1, c, 1, 1)):
+    if v is None or v.dtype != np.float32 or v.shape not in ((c, 1, 1), (1, c, 1, 1)):
         return None
     return np.ascontiguousarray(v.reshape(c))
 
