@@ -84,6 +84,14 @@ def output_format(func: tirx.PrimFunc) -> dict[str, int] | None:
 
 #: instruction sets with 32 vector registers (AVX-512): room for longer pixel rows per tile
 WIDE_REGISTER_FILE = ("vnni", "avx512")
+#: 32 registers: rows whose widest piece has at most this many pixels get two vectors of output
+#: channels per tile (2 x 7 int32 + 2 x 7 float accumulators, 2 weight vectors, the broadcast: 31
+#: registers), which halves the activation broadcasts per dot product.  Measured on Zen 5 (1
+#: thread, CPU time, ResNet-50's 7x7 layers, fused BFP in and out): 512->2048 1x1 with residual
+#: 0.177 -> 0.133 ms, 2048->512 1x1 0.133 -> 0.117, 512->512 3x3 0.287 -> 0.255, stride 2
+#: 1024->2048 0.343 -> 0.284; on 14- to 224-wide rows two vectors x 7 pixels were within -4..+6 %
+#: of one vector x 14 (results/tiles_x86_s4.md); 8 pixels x two vectors spill
+NARROW_ROW = 7
 #: the ARM instruction sets (32 NEON registers): the most pixels per 8-output-channel tile
 ARM_PIXELS = {"sdot": 14, "neon": 8}
 
@@ -114,6 +122,8 @@ def tile_options(func: tirx.PrimFunc, target: Target) -> list[tuple[int, int]]:
         vls = [v for v in (lanes, 2 * lanes) if co % v == 0]
         if intrin.isa in WIDE_REGISTER_FILE:
             pixels = _pixels_per_tile(ow, sums)
+            if pixels[0] <= NARROW_ROW and co % (2 * lanes) == 0:
+                vls = [2 * lanes, lanes]
         elif intrin.isa in ARM_PIXELS:
             # 32 NEON registers: 8 output channels x a piece of the row.  sdot (A76): up to 14
             # pixels (2 x 14 int32x4 accumulators, 4 unpacked weight vectors, one 8-byte
