@@ -395,13 +395,15 @@ def test_pool_default_schedule_matches_numpy(shape, kind, k, s, pad):
     np.testing.assert_allclose(out.numpy(), _pool_reference(xn, kind, k, s, pad), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("ci,co,hw,k,s", [(3, 16, 30, 7, 2), (3, 24, 17, 3, 1), (5, 8, 12, 3, 2),
-                                          (3, 64, 32, 7, 2), (3, 32, 56, 7, 2)])
+@pytest.mark.parametrize("ci,co,hw,k,s,upper", [(3, 16, 30, 7, 2, None), (3, 24, 17, 3, 1, None),
+                                                (5, 8, 12, 3, 2, None), (3, 64, 32, 7, 2, None),
+                                                (3, 32, 56, 7, 2, None), (3, 32, 48, 3, 2, 6.0)])
 @pytest.mark.parametrize("tname", ["host", "avx2"])
-def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, tname):
-    """The kept first layer (conv + bias + ReLU) with FP32ConvCPU's schedule, against numpy; on
-    AVX-512 a stem-like conv (16k output channels) takes the outer-product tile (the weights copied
-    channels-innermost: a ``w_global`` block), AVX2 keeps the row-vectorized one."""
+def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, upper, tname):
+    """The kept first layer (conv + bias + ReLU, or ReLU6 with ``upper``: MobileNetV2's stem) with
+    FP32ConvCPU's schedule, against numpy; on AVX-512 a stem-like conv (16k output channels) takes
+    the outer-product tile (the weights copied channels-innermost: a ``w_global`` block), AVX2 keeps
+    the row-vectorized one."""
     from tvm import te, topi
 
     from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
@@ -413,6 +415,8 @@ def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, tname):
     wt = te.placeholder((co, ci, k, k), "float32", "w")
     b = te.placeholder((1, co, 1, 1), "float32", "b")
     y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, s, pad, 1), b))
+    if upper is not None:
+        y = topi.minimum(y, tvm.tirx.const(upper, "float32"))
     sch = schedule_fp32_conv(te.create_prim_func([x, wt, b, y]), target)
     assert sch is not None
     names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
@@ -428,7 +432,7 @@ def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, tname):
     for i in range(k):
         for j in range(k):
             ref += np.einsum("oc,nchw->nohw", wn[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * oh:s])
-    np.testing.assert_allclose(out.numpy(), np.maximum(ref + bn, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.numpy(), np.clip(ref + bn, 0, upper), rtol=1e-4, atol=1e-4)
 
 
 def _depthwise(c, hw, k, s, pad):
