@@ -35,6 +35,12 @@ LIGHT = {  # benchmark name -> file in the onnx wheel
     "googlenet": "light_inception_v1.onnx",
     "densenet121": "light_densenet121.onnx",
     "alexnet": "light_bvlc_alexnet.onnx",
+    # architectures no schedule was tuned or shipped for, and no default tile was measured on
+    # (the "unseen model" check of the benchmark)
+    "inception_v2": "light_inception_v2.onnx",
+    "squeezenet": "light_squeezenet.onnx",
+    "zfnet512": "light_zfnet512.onnx",
+    "shufflenet": "light_shufflenet.onnx",
 }
 EXAMPLES = ("resnet20", "vgg_small", "mobilenet_small")
 IMAGENET = ("mobilenet_v2",)
