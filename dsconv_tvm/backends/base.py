@@ -80,6 +80,11 @@ class Backend:
         producer's output (only asked where :attr:`fuses_bfp`)."""
         raise NotImplementedError
 
+    def computed_layer(self, layer):
+        """``layer`` as this backend's kernel computes it (e.g. output channels padded to the vector
+        lanes: ``out_slots``); asked once per layer by the rewrite, before :meth:`layer_params`."""
+        return layer
+
     def layer_params(self, layer, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:
         """The constant arguments of the layer's PrimFunc after its input, in this backend's layout."""
         raise NotImplementedError

@@ -215,10 +215,13 @@ def clamp_index(v, size):
 def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
     """``dsconv_out[n, co, p, q]``: the float32 sum over blocks g and taps (i, j) of
     ``float(block_int(n, g, i, j, p, q, co)) * xi[g, i, j, co] * bfp_s[n, g, p*s + i*d, q*s + j*d]``,
-    where ``block_int`` is the backend's exact int32 dot product of the block at that tap."""
+    where ``block_int`` is the backend's exact int32 dot product of the block at that tap; over
+    the layer's computed channels (``out_slots``, padded: the epilogue writes the first
+    ``out_channels``)."""
     from tvm import te
 
-    n, co, oh, ow = layer.out_shape
+    n, _, oh, ow = layer.out_shape
+    co = layer.computed_channels
     kh, kw = layer.kernel
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation

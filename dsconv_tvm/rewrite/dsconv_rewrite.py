@@ -380,10 +380,10 @@ class DSConvRewrite:
             qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
         except DSConvError as exc:                # name the layer
             raise type(exc)(f"layer '{name}': {exc}") from None
-        layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
-                            bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
-                            bias is not None, activation, self.backend.act_dtype, residual is not None,
-                            prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu))
+        layer = self.backend.computed_layer(DSConvLayer(
+            tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom, bits, block, cfg.mantissa, unsigned,
+            cfg.scale_dtype, bias is not None, activation, self.backend.act_dtype, residual is not None,
+            prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu)))
         params = self.backend.layer_params(layer, qw.q, qw.xi, bias) + (pro.consts if pro else [])
         wp, xi = params[:2]
         if pro is not None:               # it reads x; the report lists the prologue first

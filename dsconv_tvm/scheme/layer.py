@@ -61,6 +61,13 @@ class DSConvLayer:
     # bias) applied in order, then max(., 0) with prologue_relu; in float32, as the ops it replaces
     prologue: tuple[str, ...] = ()
     prologue_relu: bool = False
+    # output channels the kernel computes (0: out_channels): a backend pads them to its vector
+    # lanes with zero weights; only out_channels are written
+    out_slots: int = 0
+
+    @property
+    def computed_channels(self) -> int:
+        return max(self.out_slots, self.out_channels)
 
     @property
     def has_prologue(self) -> bool:

@@ -183,7 +183,7 @@ def grouped_model(path):
     """AlexNet's pattern, smaller: a conv, then grouped convs with bias and ReLU (groups=2, 5x5,
     stride 2, 12 input channels a group: not a multiple of the block 8; groups=4, 3x3, stride 1,
     8 a group) and a grouped conv without bias or ReLU (groups=4, stride 2, 10 output channels a
-    group) feeding 1x1 convs chained in fused BFP."""
+    group: padded to 16 by the x86 backend) feeding 1x1 convs chained in fused BFP."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -246,6 +246,9 @@ def test_grouped_convs_are_one_dsconv_layer_a_group(tmp_path):
         assert la.deployed_bytes < la.fp32_bytes and 10 < la.sqnr_db < 40
         assert sqnr_db(w1[16 * g:16 * (g + 1)], la.quantized.dequantize()) == la.sqnr_db
     assert len({la.func_name for la in rep.converted}) >= 4 and all(la.func_name for la in rep.converted)
+    # 10 output channels a group (no dot-product lanes divide them): computed as 16, 10 written
+    assert {la.name: la.layer.out_slots for la in rep.converted if la.layer.out_slots} == \
+        {f"g4s2/g{g}": 16 for g in range(4)}
     x = np.random.default_rng(0).standard_normal((2, 8, 15, 15)).astype(np.float32)
     fp32 = ReferenceEvaluator(load_onnx(path).model).run(None, {"input": x})[0]
     assert sqnr_db(fp32, predict(str(tmp_path / "g.so"), x)) > 12      # 15.8 dB: 7 layers of ~24 dB weights

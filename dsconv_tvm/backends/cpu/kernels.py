@@ -82,7 +82,7 @@ def dsconv_te(layer: DSConvLayer):
     if layer.act_dtype not in ACT_DTYPES:
         raise ValueError(f"unsupported mantissa storage {layer.act_dtype!r}")
     n, c, h, w = layer.in_shape
-    co = layer.out_channels
+    co = layer.computed_channels           # (out_slots: padded to the vector lanes, see CPUBackend)
     kh, kw = layer.kernel
     sh, sw = layer.geom.strides
     dh, dw = layer.geom.dilation
@@ -258,4 +258,6 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
         out += " residual_nhwc=1"
     if layer.has_prologue:
         out += " prologue=" + "+".join(layer.prologue + ("relu",) * layer.prologue_relu)
+    if layer.out_slots:
+        out += f" out_slots={layer.out_slots}"
     return out

@@ -73,7 +73,7 @@ def weight_dtype(bits: int) -> str:
 
 def weight_shape(layer: DSConvLayer) -> tuple[int, ...]:
     kh, kw = layer.kernel
-    return (layer.groups, kh, kw, slots(layer) // (per_byte(layer.bits) * TAP), layer.out_channels, TAP)
+    return (layer.groups, kh, kw, slots(layer) // (per_byte(layer.bits) * TAP), layer.computed_channels, TAP)
 
 
 def signed_dot(layer: DSConvLayer) -> bool:
@@ -131,14 +131,20 @@ def layer_params(layer: DSConvLayer, q: np.ndarray, xi: np.ndarray,
                  bias: np.ndarray | None = None) -> list[np.ndarray]:
     """The constant arguments of the layer's PrimFunc, in order (after the input ``x``):
     packed weights, scales, [offset correction], [bias].  A residual, if any, comes last and is
-    not a constant."""
+    not a constant.  With ``layer.out_slots``, the output channels beyond ``out_channels`` get
+    zero weights, scales and bias."""
+    extra = layer.computed_channels - layer.out_channels
+    if extra:
+        q, xi = (np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]) for a in (q, xi))
+        if bias is not None:
+            bias = np.concatenate([np.asarray(bias, np.float32).reshape(-1), np.zeros(extra, np.float32)])
     out = [pack_weights(q, layer.bits, layer.block, signed_dot(layer)), pack_scales(xi, layer.scale_dtype)]
     if act_offset(layer):
         out.append(offset_correction(layer, q))
     if layer.has_bias:
         if bias is None:
             raise ValueError("layer has a bias but none was given")
-        out.append(np.ascontiguousarray(np.asarray(bias, np.float32).reshape(layer.out_channels)))
+        out.append(np.ascontiguousarray(np.asarray(bias, np.float32).reshape(layer.computed_channels)))
     return out
 
 

@@ -14,7 +14,7 @@ from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
 from dsconv_tvm.backends.cpu.layout import layer_params, pack_weights, unpack_weights
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.reference import activate, dsconv2d
-from dsconv_tvm.backends.cpu.intrinsics import isa_of
+from dsconv_tvm.backends.cpu.intrinsics import activation_dtype, isa_of
 from dsconv_tvm.backends.cpu.schedule import dot_intrin, schedule_dsconv_cpu, tile_options
 from dsconv_tvm.backends.common import is_dsconv
 from dsconv_tvm.target import get_target
@@ -488,3 +488,27 @@ def test_fully_connected_layers_read_the_weights_by_block():
     assert re.search(r"in T\.parallel\(4\)", text)                             # 4 chunks of 1024
     layer_1000 = dataclasses.replace(layer, in_shape=(1, 256, 1, 1), out_channels=1000)
     _run_layer(layer_1000, seed=3)
+
+
+@pytest.mark.parametrize("path", ["host", "avx2"])
+@pytest.mark.parametrize("in_shape, co, k, s, p, residual", [
+    ((1, 68, 14, 14), 68, (1, 1), (1, 1), (0, 0, 0, 0), False),     # a ShuffleNet group (g = 8)
+    ((1, 34, 9, 9), 34, (3, 3), (2, 2), (1, 1, 1, 1), True),
+    ((1, 6, 8, 8), 6, (1, 1), (1, 1), (0, 0, 0, 0), False)])
+def test_padded_output_channels_match_reference(path, in_shape, co, k, s, p, residual):
+    """Output channels the vector lanes do not divide: the backend pads them (``out_slots``, zero
+    weights) so the dot-product schedule applies; the real channels match numpy, and only layers
+    that need it are padded."""
+    from dsconv_tvm.backends.cpu.backend import CPUBackend
+
+    target = RUNNABLE[path]
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), 4, 64, 8, True, "float32", True, "relu",
+                        activation_dtype(target), residual)
+    padded = CPUBackend(target).computed_layer(layer)
+    lanes = 16 if path == "host" and HOST_ISA in ("avx512", "vnni") else 8
+    assert padded.out_slots == -(-co // lanes) * lanes and padded.computed_channels % lanes == 0
+    assert dot_intrin(dsconv_primfunc(padded), target) is not None
+    _run_layer(padded, seed=co, target=target)
+    same = DSConvLayer(in_shape, 2 * lanes, k, ConvGeometry(s, p), 4, 64, 8, True, "float32", True, "relu",
+                       activation_dtype(target))
+    assert CPUBackend(target).computed_layer(same) is same
