@@ -82,7 +82,8 @@ class Backend:
 
     def computed_layer(self, layer):
         """``layer`` as this backend's kernel computes it (e.g. output channels padded to the vector
-        lanes: ``out_slots``); asked once per layer by the rewrite, before :meth:`layer_params`."""
+        lanes: ``out_slots``); asked by the rewrite once a layer's fused-BFP fields are set, before
+        its PrimFunc is made (its constants are then made for the layer returned)."""
         return layer
 
     def layer_params(self, layer, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:

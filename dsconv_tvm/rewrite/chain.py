@@ -78,7 +78,7 @@ def chain_layers(plans: list[tuple[object, PlannedLayer]], uses: dict, input_for
         if plan.dense or len(formats) != 1:
             continue
         fmt = formats.pop()
-        if plan.layer.out_channels % fmt.block or plan.layer.out_slots:
+        if plan.layer.out_channels % fmt.block:
             continue
         keep_fp32 = uses.get(end, 0) > len(readers)
         if keep_fp32 and not with_fp32:
@@ -121,7 +121,7 @@ def _residual_pass(plans, uses: dict, consumers: dict, residual_readers: dict, i
             continue
         readers, adds = consumers.get(end, []), residual_readers.get(end, [])
         formats = {input_format(r.layer) for r in readers}
-        if plan.dense or plan.layer.bfp_output is not None or plan.layer.out_slots or len(formats) > 1 or not adds or \
+        if plan.dense or plan.layer.bfp_output is not None or len(formats) > 1 or not adds or \
                 uses.get(end, 0) != len(readers) + len(adds) or \
                 any(a.layer.bfp_output is None for a in adds):
             continue

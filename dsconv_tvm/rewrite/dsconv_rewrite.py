@@ -245,6 +245,7 @@ class DSConvRewrite:
             chain_layers([(v, p) for v, p in plans.items() if isinstance(p, PlannedLayer)], uses,
                          self.backend.bfp_format)
         for plan in (g for p in plans.values() for g in (p.groups if isinstance(p, GroupedConv) else [p])):
+            self._as_computed(plan)
             prim = self.backend.primfunc(plan.layer)
             plan.gv = bb.add_func(prim, f"dsconv_{_ident(plan.name)}")
             plan.outputs = plan.out_sinfo(prim)
@@ -368,6 +369,19 @@ class DSConvRewrite:
                              activation, fused, None, False, None) for g in range(groups)]
         return end, GroupedConv(data, plans), absorbed, None
 
+    def _as_computed(self, plan: PlannedLayer) -> None:
+        """The planned layer as the backend's kernel computes it, once it is known whether it
+        writes fused BFP (:meth:`Backend.computed_layer`: e.g. output channels padded to the
+        vector lanes); its constants made again if that changed it."""
+        layer = self.backend.computed_layer(plan.layer)
+        if layer is plan.layer:
+            return
+        rep = plan.report
+        params = self.backend.layer_params(layer, rep.quantized.q, rep.quantized.xi, rep.bias)
+        plan.consts = [relax.const(a) for a in params] + plan.consts[len(params):]
+        plan.layer = rep.layer = layer
+        rep.deployed_bytes = int(params[0].nbytes + params[1].nbytes)
+
     def _layer(self, name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual, dense, pro):
         """Quantize one layer's weight ``w`` (OIHW), report it and plan its call (a PlannedLayer);
         ``pro``: the prologue it absorbs (it reads ``pro.x`` then), or None."""
@@ -380,10 +394,10 @@ class DSConvRewrite:
             qw = quantize_weight(w, bits, block, cfg.fit, cfg.scale_dtype)
         except DSConvError as exc:                # name the layer
             raise type(exc)(f"layer '{name}': {exc}") from None
-        layer = self.backend.computed_layer(DSConvLayer(
-            tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom, bits, block, cfg.mantissa, unsigned,
-            cfg.scale_dtype, bias is not None, activation, self.backend.act_dtype, residual is not None,
-            prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu)))
+        layer = DSConvLayer(tuple(in_shape), co, (int(w.shape[2]), int(w.shape[3])), geom,
+                            bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
+                            bias is not None, activation, self.backend.act_dtype, residual is not None,
+                            prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu))
         params = self.backend.layer_params(layer, qw.q, qw.xi, bias) + (pro.consts if pro else [])
         wp, xi = params[:2]
         if pro is not None:               # it reads x; the report lists the prologue first

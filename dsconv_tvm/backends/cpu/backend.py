@@ -95,15 +95,16 @@ class CPUBackend(Backend):
         return layer_params(layer, q, xi, bias)
 
     def computed_layer(self, layer):
-        """``layer`` as the x86 kernel computes it: output channels that no dot-product
-        instruction's lanes divide (not a multiple of 8: ShuffleNet's 68 per group, 34, 6 ...)
-        padded to the widest lanes (``out_slots``: zero weights, the epilogue writes the real
-        ones), so the dot-product schedule applies instead of the plain 2- or 4-channel one.
-        Measured on Zen 5 (one thread, CPU time): 68x14x14 -> 68 1x1 0.408 -> 0.020 ms, 34x28x28
-        -> 34 0.413 -> 0.028.  Multiples of 8 keep the 8-lane instruction (136 -> 144 was
-        0.015 -> 0.011 ms, 24 -> 32 0.393 -> 0.358, but such a layer may write fused BFP for its
-        consumers, which chain.py does not do for a padded one).  Not for fully connected layers
-        (their own schedule); not on ARM (unmeasured there)."""
+        """``layer`` as the x86 kernel computes it: output channels the widest dot-product lanes
+        do not divide (ShuffleNet's 68 and 34 per group, a 1000-class conv head, 136 ...) padded
+        to them (``out_slots``: zero weights, the epilogue writes the real ones), so the widest
+        dot-product schedule applies instead of a narrower instruction or the plain 2- or
+        4-channel one.  Measured on Zen 5 (one thread, CPU time): 68x14x14 -> 68 1x1 0.408 ->
+        0.020 ms, 34x28x28 -> 34 0.413 -> 0.028, 136x7x7 -> 136 0.015 -> 0.011 (144x56x56 -> 24
+        0.393 -> 0.358, but multiples of 8 below two vectors keep the 8-lane instruction: padding
+        would waste a third or more).  Only for layers that write float NCHW (a fused-BFP or
+        channel-innermost output's tiles are whole blocks: the rewrite asks after chaining), not
+        for fully connected layers (their own schedule) nor on ARM (unmeasured there)."""
         import dataclasses
 
         from .intrinsics import isa_of, select
@@ -111,7 +112,8 @@ class CPUBackend(Backend):
 
         lanes = vector_lanes(self.target)
         co = layer.out_channels
-        if isa_of(self.target) not in X86_SCHEDULE_KEYS or co % 8 == 0 or tuple(layer.out_shape[2:]) == (1, 1):
+        if isa_of(self.target) not in X86_SCHEDULE_KEYS or co % lanes == 0 or (co % 8 == 0 and co < 2 * lanes) \
+                or layer.bfp_output is not None or layer.fp32_nhwc or tuple(layer.out_shape[2:]) == (1, 1):
             return layer
         padded = -(-co // lanes) * lanes
         if select(self.target, layer.bits, layer.act_dtype, padded) is None:
