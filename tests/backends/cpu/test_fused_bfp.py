@@ -160,15 +160,21 @@ CONSUMERS = [
 ]
 
 
+def consumer_case(case, activation="relu"):
+    """The layer of a :data:`CONSUMERS` case and its arguments: (layer, x, qw, bias, residual, the
+    arguments after the input)."""
+    in_shape, co, k, s, p, bits, block, uns, res = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, activation,
+                        "uint8", res)
+    x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
+    return layer, x, qw, bias, resid, [*consts] + ([resid] if resid is not None else [])
+
+
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
 @pytest.mark.parametrize("case", CONSUMERS, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-s{c[3]}-b{c[5]}")
 def test_consumer_of_bfp_input_equals_the_float_input_kernel(case, target):
-    in_shape, co, k, s, p, bits, block, uns, res = case
-    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
-                        "uint8", res)
+    layer, x, qw, bias, resid, tail = consumer_case(case)
     fused = dataclasses.replace(layer, bfp_input=True)
-    x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
-    tail = [*consts] + ([resid] if resid is not None else [])
     (y_float,) = run_local(layer, [x, *tail], target)
     (y_bfp,) = run_local(fused, [*bfp_input_arrays(x, layer), *tail], target)
     np.testing.assert_array_equal(y_bfp, y_float)           # the same integers, the same float order
