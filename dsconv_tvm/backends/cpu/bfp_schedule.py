@@ -190,7 +190,9 @@ def bfp_pixels(sch: s_tir.Schedule, rows: bool) -> None:
     amax = sch.get_sblock("amax")
     r1 = sch.get_loops(amax)[-1]
     extent = int(sch.get(r1).extent)
-    lanes = next((v for v in (16, 8) if extent % v == 0 and extent > v), None)
+    x = next(r.source for r in sch.get(amax).reads if r.source.name == "x")        # [N, H, W, C]
+    tail = int(x.shape[-1]) % extent
+    lanes = next((v for v in (16, 8) if extent % v == 0 and extent > v and tail % v == 0), None)
     if lanes is None:                   # a small or odd block: one max per channel, per pixel
         n1, g1, y1, _, r1 = sch.get_loops(amax)
         row = sch.fuse(n1, g1, y1)
@@ -215,4 +217,12 @@ def bfp_pixels(sch: s_tir.Schedule, rows: bool) -> None:
         else:
             loops = sch.get_loops(blk)
             sch.parallel(sch.fuse(*loops[:3]))
-        sch.vectorize(sch.get_loops(blk)[-1])
+        inner = sch.get_loops(blk)[-1]
+        slots = int(sch.get(inner).extent)
+        # vectors that straddle neither the end of the channels nor of the block: the test "this
+        # slot holds a channel" is then the same for all lanes (a branch per vector); a per-lane
+        # test makes TVM's vectorized loop serial
+        vec = next((v for v in (16, 8, 4) if slots % v == 0 and extent % v == 0 and tail % v == 0), None)
+        if name == "bfp_m" and vec is not None and vec < slots:
+            inner = sch.split(inner, [None, vec])[1]
+        sch.vectorize(inner)
