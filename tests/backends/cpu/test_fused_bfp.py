@@ -160,12 +160,12 @@ CONSUMERS = [
 ]
 
 
-def consumer_case(case, activation="relu"):
+def consumer_case(case, activation="relu", act_dtype="uint8"):
     """The layer of a :data:`CONSUMERS` case and its arguments: (layer, x, qw, bias, residual, the
     arguments after the input)."""
     in_shape, co, k, s, p, bits, block, uns, res = case
     layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, activation,
-                        "uint8", res)
+                        act_dtype, res)
     x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
     return layer, x, qw, bias, resid, [*consts] + ([resid] if resid is not None else [])
 

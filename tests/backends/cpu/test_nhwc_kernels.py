@@ -11,12 +11,13 @@ import tvm
 from dsconv_tvm.backends.cpu.depthwise import depthwise_nhwc_params, depthwise_nhwc_primfunc, \
     schedule_depthwise_nhwc
 from dsconv_tvm.backends.cpu.layout import bfp_input_arrays
+from dsconv_tvm.remote.tracker import board_session
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.layer import ACTIVATIONS
 from dsconv_tvm.target import get_target
 
-from test_fused_bfp import AVX2, HOST, PRODUCERS, consumer_case, consumer_view, layer_args, producer_layer, \
-    reference_output, run_local  # noqa: E402
+from test_fused_bfp import AVX2, HOST, PRODUCERS, call, compiled, consumer_case, consumer_view, layer_args, \
+    producer_layer, reference_output, run_local  # noqa: E402
 
 # in_shape (N, C, H, W), strides, padding (top, left, bottom, right), dilation, bias, activation
 DEPTHWISE = [
@@ -59,12 +60,16 @@ def depthwise_case(case, seed):
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
 @pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: f"{c[0]}-s{c[1][0]}-p{c[2]}-d{c[3][0]}-{c[5]}")
 def test_depthwise_nhwc_matches_numpy(case, target):
+    check_depthwise(case, lambda func: tvm.compile(schedule_depthwise_nhwc(func, target).mod, target)["main"])
+
+
+def check_depthwise(case, build, dev=None):
+    """The depthwise kernel of ``case`` built by ``build`` (PrimFunc -> callable) against numpy."""
     x, w, bias, geom, func = depthwise_case(case, seed=sum(case[0]))
     ref = numpy_depthwise(x, w, bias, geom, case[5])
-    lib = tvm.compile(schedule_depthwise_nhwc(func, target).mod, target)
-    out = tvm.runtime.tensor(np.zeros(ref.transpose(0, 2, 3, 1).shape, np.float32))
-    lib["main"](*[tvm.runtime.tensor(a) for a in [np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
-                                                  *depthwise_nhwc_params(w, bias)]], out)
+    out = tvm.runtime.tensor(np.zeros(ref.transpose(0, 2, 3, 1).shape, np.float32), dev)
+    build(func)(*[tvm.runtime.tensor(a, dev) for a in [np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
+                                                       *depthwise_nhwc_params(w, bias)]], out)
     # float32, the nine taps summed in another order
     np.testing.assert_allclose(out.numpy().transpose(0, 3, 1, 2), ref, rtol=0,
                                atol=2e-6 * 9 * float(np.abs(x).max() * np.abs(w).max()) + 1e-6)
@@ -114,3 +119,36 @@ def test_channel_innermost_input_with_bfp_output(target):
         np.testing.assert_array_equal(a, b)
     for got, want in zip(nhwc[1:], bfp_input_arrays(nhwc[0], consumer_view(layer))):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("target_name", ["rpi4", "rpi5"])
+def test_nhwc_kernels_on_emulated_arm_board(emulated_board, tmp_path, target_name):
+    """The depthwise kernel against numpy, and NHWC-input layers (int8 mantissas, NEON / sdot)
+    equal to the NCHW ones, on the emulated Raspberry Pi."""
+    spec = get_target(target_name)
+    target = spec.tvm_target()
+    with board_session(emulated_board.tracker, emulated_board.key, timeout=120, session_timeout=600) as remote:
+        _run_on_board(remote, spec, target, tmp_path)
+
+
+def _run_on_board(remote, spec, target, tmp_path):
+    """Every remote object lives in this frame only: gone when it returns."""
+    dev = remote.cpu()
+    count = iter(range(100))
+
+    def load(lib):
+        path = tmp_path / f"k{next(count)}.so"
+        spec.export_library(lib, str(path))
+        remote.upload(str(path))
+        return remote.load_module(path.name)["main"]
+
+    for case in (DEPTHWISE[0], DEPTHWISE[1], DEPTHWISE[4]):
+        check_depthwise(case, lambda func: load(tvm.compile(schedule_depthwise_nhwc(func, target).mod, target)),
+                        dev)
+    for case in (CONSUMERS[0], CONSUMERS[1], CONSUMERS[3], CONSUMERS[5]):
+        layer, x, _, _, _, tail = consumer_case(case, "relu6", "int8")
+        nhwc = dataclasses.replace(layer, input_nhwc=True)
+        (y_nchw,) = call(load(compiled(layer, target)), layer, [x, *tail], dev)
+        (y_nhwc,) = call(load(compiled(nhwc, target)), nhwc, [np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *tail],
+                         dev)
+        np.testing.assert_array_equal(y_nhwc, y_nchw)
