@@ -11,13 +11,12 @@ import tvm
 from dsconv_tvm.backends.cpu.depthwise import depthwise_nhwc_params, depthwise_nhwc_primfunc, \
     schedule_depthwise_nhwc
 from dsconv_tvm.backends.cpu.layout import bfp_input_arrays
-from dsconv_tvm.remote.tracker import board_session
 from dsconv_tvm.scheme.geometry import ConvGeometry
 from dsconv_tvm.scheme.layer import ACTIVATIONS
 from dsconv_tvm.target import get_target
 
 from test_fused_bfp import AVX2, HOST, PRODUCERS, call, compiled, consumer_case, consumer_view, layer_args, \
-    producer_layer, reference_output, run_local  # noqa: E402
+    on_emulated_board, producer_layer, reference_output, run_local  # noqa: E402
 
 # in_shape (N, C, H, W), strides, padding (top, left, bottom, right), dilation, bias, activation
 DEPTHWISE = [
@@ -125,23 +124,10 @@ def test_channel_innermost_input_with_bfp_output(target):
 def test_nhwc_kernels_on_emulated_arm_board(emulated_board, tmp_path, target_name):
     """The depthwise kernel against numpy, and NHWC-input layers (int8 mantissas, NEON / sdot)
     equal to the NCHW ones, on the emulated Raspberry Pi."""
-    spec = get_target(target_name)
-    target = spec.tvm_target()
-    with board_session(emulated_board.tracker, emulated_board.key, timeout=120, session_timeout=600) as remote:
-        _run_on_board(remote, spec, target, tmp_path)
+    on_emulated_board(emulated_board, target_name, tmp_path, _board_checks)
 
 
-def _run_on_board(remote, spec, target, tmp_path):
-    """Every remote object lives in this frame only: gone when it returns."""
-    dev = remote.cpu()
-    count = iter(range(100))
-
-    def load(lib):
-        path = tmp_path / f"k{next(count)}.so"
-        spec.export_library(lib, str(path))
-        remote.upload(str(path))
-        return remote.load_module(path.name)["main"]
-
+def _board_checks(load, dev, target):
     for case in (DEPTHWISE[0], DEPTHWISE[1], DEPTHWISE[4]):
         check_depthwise(case, lambda func: load(tvm.compile(schedule_depthwise_nhwc(func, target).mod, target)),
                         dev)
