@@ -17,6 +17,9 @@ the model is imported and constants are folded.  For every ``R.nn.conv2d`` with 
 A grouped conv (1 < groups < channels) becomes split, one DSConv layer per group (``<name>/g0``, ...:
 its weights, input channels, bias slice, activation; float32 in and out, no residual), concat.
 
+A depthwise conv stays fp32; between two DSConv layers (an inverted residual block) it runs
+channel-innermost with its bias add and clamp, as the backend's own kernel (:mod:`.nhwc`).
+
 Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
 The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
 ReLU or a Clip with a lower bound >= 0, possibly through pooling/reshapes) and
