@@ -31,6 +31,10 @@ Defaults (documented in README.md):
   quantization pass, and the float tensor is written only when something else uses it too
   (:mod:`dsconv_tvm.rewrite.chain`).  Used where the backend says it pays (``Backend.fuses_bfp``:
   x86 kernels; not ARM, not CUDA).  The bits are the same either way.
+* ``nhwc_depthwise=True``: a depthwise conv between two DSConv layers (an inverted residual block:
+  expansion 1x1 -> depthwise -> projection 1x1) runs channel-innermost, the expansion writing its
+  float output so and the projection quantizing it from there (:mod:`dsconv_tvm.rewrite.nhwc`;
+  where the backend has such kernels, ``Backend.nhwc_depthwise``).  The integers are the same.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class DSConvConfig:
     dense: str = "keep"
     layer_bits: dict[str, int] = field(default_factory=dict)
     fuse_bfp: bool = True
+    nhwc_depthwise: bool = True
 
     def __post_init__(self):
         def _int(name, value):

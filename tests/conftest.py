@@ -258,8 +258,8 @@ def residual_model(path):
     return path
 
 
-def compiled_vs_reference(path, out, cfg, shapes=None, n_inputs=2):
-    """Compile ``path`` for this host and compare the .so with the numpy DSConv reference model on
+def compiled_vs_reference(path, out, cfg, shapes=None, n_inputs=2, target="x86"):
+    """Compile ``path`` for ``target`` (one this host runs) and compare the .so with the numpy DSConv reference model on
     ``n_inputs`` sample inputs; (compile result, worst error relative to the output scale)."""
     import numpy as np
     import tvm
@@ -269,7 +269,7 @@ def compiled_vs_reference(path, out, cfg, shapes=None, n_inputs=2):
     from dsconv_tvm.frontend.onnx import load_onnx
     from dsconv_tvm.scheme.reference import reference_model
 
-    result = compile_model(path, "x86", out, cfg, shapes, check=False)
+    result = compile_model(path, target, out, cfg, shapes, check=False)
     loaded = load_onnx(path, shapes)
     ref = reference_model(loaded, result.report, cfg.mantissa, cfg.block)
     lib = tvm.runtime.load_module(out)

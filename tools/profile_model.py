@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense", choices=["dsconv", "keep"], default="dsconv")
     ap.add_argument("--fp32", action="store_true", help="profile the fp32 model (no DSConv)")
     ap.add_argument("--tuning-db", default=None)
+    ap.add_argument("--no-nhwc-depthwise", action="store_true",
+                    help="keep the depthwise convs NCHW (DSConvConfig(nhwc_depthwise=False)): the A/B baseline")
     ap.add_argument("--library", default=None, help="profile this .so (built for the model) instead of building")
     ap.add_argument("--threads", type=int, default=2,
                     help="TVM threads (default 2); with 1 every call is timed in the thread's CPU time")
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     model = bench_models.prepare(args.model, 1, 0, print)
     if model is None:
         return 2
-    cfg = None if args.fp32 else DSConvConfig(bits=args.bits, block=args.block, mantissa=8, dense=args.dense)
+    cfg = None if args.fp32 else DSConvConfig(bits=args.bits, block=args.block, mantissa=8, dense=args.dense,
+                                              nhwc_depthwise=not args.no_nhwc_depthwise)
     load_before = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="dsconv-profile-") as work:
         so = args.library or os.path.join(work, "model.so")
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
         peak = None
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     res = {"model": model.name, "source": model.source, "target": args.target,
-           "config": "fp32" if cfg is None else f"DSConv W{args.bits} B={args.block} m=8 dense={args.dense}",
+           "config": "fp32" if cfg is None else f"DSConv W{args.bits} B={args.block} m=8 dense={args.dense}"
+                     + (" nhwc_depthwise=0" if args.no_nhwc_depthwise else ""),
            "schedules": schedules, "cpu": cpu, "threads": args.threads, "cores": cores, "repeat": args.repeat,
            "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
            "peak": peak, "profile": summarize(runs, lat, report, peak)}

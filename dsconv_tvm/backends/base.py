@@ -31,6 +31,10 @@ class Backend:
     #: whether its DSConv kernels can apply a per-channel affine + ReLU to the float input before
     #: quantizing it (``DSConvLayer.has_prologue`` / ``prologue_relu``)
     fuses_prologue = False
+    #: whether it runs a depthwise fp32 conv channel-innermost between two DSConv layers (the
+    #: producer writing its float output [N, H, W, C], the consumers reading it so:
+    #: ``DSConvLayer.fp32_nhwc`` / ``input_nhwc``, :meth:`depthwise_nhwc_primfunc`)
+    nhwc_depthwise = False
 
     def __init__(self, target):
         self.target = target
@@ -85,6 +89,16 @@ class Backend:
         lanes: ``out_slots``); asked by the rewrite once a layer's fused-BFP fields are set, before
         its PrimFunc is made (its constants are then made for the layer returned)."""
         return layer
+
+    def depthwise_nhwc_primfunc(self, in_shape, kernel, geom, has_bias: bool, activation: str):
+        """The unscheduled PrimFunc of a depthwise fp32 conv on a channel-innermost input (only
+        asked where :attr:`nhwc_depthwise`); its constants from :meth:`depthwise_nhwc_params`."""
+        raise NotImplementedError
+
+    def depthwise_nhwc_params(self, w: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:
+        """The constant arguments of :meth:`depthwise_nhwc_primfunc` from the OIHW weight (C, 1, KH,
+        KW) and the bias."""
+        raise NotImplementedError
 
     def layer_params(self, layer, q: np.ndarray, xi: np.ndarray, bias: np.ndarray | None) -> list[np.ndarray]:
         """The constant arguments of the layer's PrimFunc after its input, in this backend's layout."""

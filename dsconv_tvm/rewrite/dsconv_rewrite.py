@@ -17,6 +17,9 @@ the model is imported and constants are folded.  For every ``R.nn.conv2d`` with 
 A grouped conv (1 < groups < channels) becomes split, one DSConv layer per group (``<name>/g0``, ...:
 its weights, input channels, bias slice, activation; float32 in and out, no residual), concat.
 
+A depthwise conv stays fp32; between two DSConv layers (an inverted residual block) it runs
+channel-innermost with its bias add and clamp, as the backend's own kernel (:mod:`.nhwc`).
+
 Convs it does not convert stay as they are and are listed, with the reason, in ``pass.report``.
 The mantissa of a layer's input is unsigned when the input is provably >= 0 (it comes from a
 ReLU or a Clip with a lower bound >= 0, possibly through pooling/reshapes) and
@@ -29,8 +32,7 @@ import math
 
 import numpy as np
 import tvm
-import tvm_ffi
-from tvm import relax, tirx
+from tvm import relax
 
 from ..backends.base import Backend, backend_for
 from ..config import DSConvConfig
@@ -40,109 +42,10 @@ from ..scheme.layer import DSConvLayer, activation_for_bounds
 from ..scheme.metrics import sqnr_db
 from ..scheme.weights import quantize_weight
 from .chain import GroupedConv, PlannedLayer, chain_layers
+from .facts import clamps_of, is_call, nonneg_vars
+from .nhwc import PlannedDepthwise, chain_depthwise
 from .prologue import const_value, match_prologue, single_user, static_shape
 from .report import ConversionReport, LayerReport
-
-_NONNEG_PASSTHROUGH = {
-    "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean",
-    "relax.reshape", "relax.flatten", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
-    "relax.nn.pad", "relax.strided_slice",
-}
-
-
-def _is_call(expr, op_name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name
-
-
-def _scalar(expr, bindings) -> float | None:
-    """The value of a constant scalar (a one-element constant tensor or an immediate), else None."""
-    if isinstance(expr, (tirx.IntImm, tirx.FloatImm)):
-        return float(expr.value)
-    value = const_value(expr, bindings)
-    return float(value.reshape(())) if value is not None and value.size == 1 else None
-
-
-def _is_topi_scalar_op(func, op: str, args: list) -> bool:
-    """Whether the PrimFunc ``func`` called with ``args`` (a float tensor and a constant scalar, in
-    either order) is TOPI's elementwise ``op`` (maximum / minimum) of them, as the ONNX frontend
-    emits Clip: compared with the PrimFunc TE makes of it."""
-    from tvm import te, topi
-
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    ins = []
-    for arg in args:
-        shape = static_shape(arg)
-        if shape is None:
-            return False
-        ins.append(te.placeholder([tirx.IntImm("int64", d) for d in shape], str(arg.ty.dtype)))
-    ref = te.create_prim_func([*ins, getattr(topi, op)(*ins)]).without_attr("global_symbol")
-    return tvm_ffi.structural_equal(func, ref)
-
-
-def _clamps(bindings: dict, mod) -> dict:
-    """var -> (x, lower, upper) for the bindings that clamp a float32 tensor x to constant bounds:
-    relu, clip, maximum / minimum with a constant scalar in either order (a Relax op, or the ONNX
-    frontend's call_tir of TOPI's PrimFunc in ``mod``); the activations a layer may absorb."""
-    clamps = {}
-    for var, value in bindings.items():
-        if not isinstance(value, relax.Call) or static_shape(var) is None or str(var.ty.dtype) != "float32":
-            continue
-        if _is_call(value, "relax.nn.relu"):
-            clamps[var] = (value.args[0], 0.0, math.inf)
-            continue
-        if _is_call(value, "relax.clip"):
-            lo, hi = (_scalar(a, bindings) for a in value.args[1:3])
-            if lo is not None and hi is not None:
-                clamps[var] = (value.args[0], lo, hi)
-            continue
-        if _is_call(value, "relax.maximum") or _is_call(value, "relax.minimum"):
-            op, args = value.op.name[len("relax."):], list(value.args)
-        elif _is_call(value, "relax.call_tir") and len(value.args) == 2 and isinstance(value.args[1], relax.Tuple) \
-                and len(value.args[1].fields) == 2:
-            args = list(value.args[1].fields)
-            op = next((o for o in ("maximum", "minimum") if value.args[0].name_hint.startswith(o)), None)
-        else:
-            continue
-        for x, c in (args, args[::-1]):
-            bound = _scalar(c, bindings)
-            if op is None or bound is None or static_shape(x) != static_shape(var):
-                continue
-            if _is_call(value, "relax.call_tir") and not _is_topi_scalar_op(mod[value.args[0]], op, args):
-                break
-            clamps[var] = (x, bound, math.inf) if op == "maximum" else (x, -math.inf, bound)
-            break
-    return clamps
-
-
-def _nonneg_vars(bindings: dict, clamps: dict) -> set:
-    """Vars whose values are provably >= 0 (ReLU / Clip(lower >= 0) outputs and what only moves/pools
-    them); ``clamps`` from :func:`_clamps`."""
-    nonneg = set()
-
-    def nonneg_arg(a):
-        return a in nonneg or (const_value(a, bindings) is not None and float(np.min(const_value(a, bindings))) >= 0)
-
-    for var, value in bindings.items():
-        if var in clamps:
-            x, lower, upper = clamps[var]
-            if lower >= 0 or (x in nonneg and upper >= 0):
-                nonneg.add(var)
-            continue
-        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
-            continue
-        name = value.op.name
-        args = list(value.args)
-        if name in _NONNEG_PASSTHROUGH and args and args[0] in nonneg:
-            nonneg.add(var)
-        elif name in ("relax.add", "relax.minimum", "relax.multiply") and all(nonneg_arg(a) for a in args):
-            nonneg.add(var)
-        elif name == "relax.maximum" and any(nonneg_arg(a) for a in args):
-            nonneg.add(var)
-        elif name == "relax.concat" and isinstance(args[0], relax.Tuple) and all(
-                f in nonneg for f in args[0].fields):
-            nonneg.add(var)
-    return nonneg
 
 
 def _padding4(pad) -> tuple[int, int, int, int]:
@@ -207,8 +110,8 @@ class DSConvRewrite:
                     order.append(binding.var)
                     relax.analysis.post_order_visit(binding.value, counter(binding.var))
         relax.analysis.post_order_visit(func.body.body, counter(None))
-        clamps = _clamps(bindings, mod)
-        nonneg = _nonneg_vars(bindings, clamps)
+        clamps = clamps_of(bindings, mod)
+        nonneg = nonneg_vars(bindings, clamps)
 
         plans = {}            # final var of a chain -> new expression
         dropped = set()       # intermediate vars absorbed into a chain
@@ -217,11 +120,11 @@ class DSConvRewrite:
         dense_index = 0
         for var in order:
             value = bindings[var]
-            dense = self.config.dense == "dsconv" and _is_call(value, "relax.matmul")
+            dense = self.config.dense == "dsconv" and is_call(value, "relax.matmul")
             if dense:
                 name, first = f"dense{dense_index}", False
                 dense_index += 1
-            elif _is_call(value, "relax.nn.conv2d"):
+            elif is_call(value, "relax.nn.conv2d"):
                 name = (self.layer_names[conv_index] if self.layer_names and conv_index < len(self.layer_names)
                         else f"conv{conv_index}")
                 first = conv_index == 0
@@ -235,7 +138,8 @@ class DSConvRewrite:
             end_var, new_expr, absorbed, residual = plan
             plans[end_var] = new_expr
             dropped.update(absorbed)
-            claimed["vars"].update([*absorbed, end_var])
+            if not isinstance(new_expr, PlannedDepthwise):      # (a candidate only: chain_depthwise)
+                claimed["vars"].update([*absorbed, end_var])
             if residual is not None:            # must stay bound: no later chain may absorb it
                 claimed["keep"].add(residual)
 
@@ -244,7 +148,15 @@ class DSConvRewrite:
         if self.config.fuse_bfp and self.backend.fuses_bfp:     # grouped convs: float in, float out
             chain_layers([(v, p) for v, p in plans.items() if isinstance(p, PlannedLayer)], uses,
                          self.backend.bfp_format)
+        chain_depthwise(plans, dropped, uses)
         for plan in (g for p in plans.values() for g in (p.groups if isinstance(p, GroupedConv) else [p])):
+            if isinstance(plan, PlannedDepthwise):
+                plan.consts = [relax.const(a) for a in self.backend.depthwise_nhwc_params(plan.w, plan.bias)]
+                prim = self.backend.depthwise_nhwc_primfunc(plan.in_shape, plan.kernel, plan.geom,
+                                                            plan.bias is not None, plan.activation)
+                plan.gv = bb.add_func(prim, f"depthwise_conv_nhwc_{_ident(plan.name)}")
+                plan.outputs = [relax.TensorType([int(d) for d in list(prim.params)[-1].shape], "float32")]
+                continue
             self._as_computed(plan)
             prim = self.backend.primfunc(plan.layer)
             plan.gv = bb.add_func(prim, f"dsconv_{_ident(plan.name)}")
@@ -256,7 +168,7 @@ class DSConvRewrite:
     def _plan_conv(self, bb, name, var, call, bindings, uses, users, facts, first, claimed, dense=False):
         """Plan one conv2d (or, ``dense``, one matmul ``x[N, K] @ W[K, OUT]`` run as a 1x1 conv on
         ``x`` reshaped to ``[N, K, 1, 1]``) and the ops it absorbs; ``facts``: the function's
-        non-negative vars and clamps (:func:`_nonneg_vars`, :func:`_clamps`)."""
+        non-negative vars and clamps (:func:`.facts.nonneg_vars`, :func:`.facts.clamps_of`)."""
         cfg = self.config
         nonneg, clamps = facts
         attrs = call.attrs
@@ -286,13 +198,17 @@ class DSConvRewrite:
             return keep(f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)")
         if in_shape is None or len(in_shape) != 4:
             return keep("input shape is not static 4-D")
-        if groups != 1:
-            if groups == in_shape[1]:
-                return keep(f"depthwise conv (groups={groups}); policy depthwise={cfg.depthwise}")
-            # else one DSConv layer per group (Relax's conv2d checks the channels divide by the groups)
+        depthwise = groups != 1 and groups == in_shape[1]
+        if depthwise:
+            keep(f"depthwise conv (groups={groups}); policy depthwise={cfg.depthwise}")
+            # it stays fp32; between two DSConv layers it may run channel-innermost (rewrite/nhwc.py)
+            if not (cfg.nhwc_depthwise and self.backend.nhwc_depthwise and w.shape[:2] == (groups, 1)
+                    and str(data.ty.dtype) == "float32" and w.dtype == np.float32):
+                return None
+        # else one DSConv layer per group (Relax's conv2d checks the channels divide by the groups)
         if str(data.ty.dtype) != "float32" or w.dtype != np.float32:
             return keep(f"dtype {data.ty.dtype} (only float32)")
-        if first and cfg.first_layer == "keep":
+        if first and cfg.first_layer == "keep" and not depthwise:
             return keep("first layer (input image); policy first_layer=keep")
 
         # absorb bias add and the activation when this conv feeds only them
@@ -307,7 +223,7 @@ class DSConvRewrite:
             return n
 
         nxt = next_op(end)
-        if nxt is not None and _is_call(bindings[nxt], "relax.add"):
+        if nxt is not None and is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             bval = const_value(other, bindings)
@@ -322,7 +238,7 @@ class DSConvRewrite:
         # a residual add (another tensor of the output's shape, computed before this conv's user)
         residual = None
         if nxt is not None and self.backend.fuses_residual and not dense and groups == 1 and \
-                _is_call(bindings[nxt], "relax.add"):
+                is_call(bindings[nxt], "relax.add"):
             a, b = bindings[nxt].args
             other = b if a.same_as(end) else a
             if isinstance(other, relax.Var) and not other.same_as(end) and \
@@ -354,6 +270,9 @@ class DSConvRewrite:
             strides = tuple(int(s) for s in attrs.strides)
             dilation = tuple(int(d) for d in attrs.dilation)
             geom = ConvGeometry(strides, _padding4(attrs.padding), dilation)
+        if depthwise:
+            return end, PlannedDepthwise(name, data, w, bias, in_shape, (int(w.shape[2]), int(w.shape[3])), geom,
+                                         activation, absorbed, self.report.layers[-1]), absorbed, None
         unsigned = cfg.unsigned_after_relu and data in nonneg
         bits = cfg.bits_for(name)            # mixed precision: a per-layer override (a grouped conv's node name)
         if groups == 1:
@@ -444,6 +363,10 @@ class _Replace(relax.PyExprMutator):
             value = relax.op.concat(outs, axis=1)
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
             return
+        if isinstance(plan, PlannedDepthwise):    # reads and writes channel-innermost
+            self.nhwc[binding.var] = emit(relax.call_tir(plan.gv, [self.nhwc[plan.data], *plan.consts],
+                                                         plan.outputs[0]))
+            return
         layer = plan.layer
         if plan.dense:
             n, k = (int(d) for d in plan.data.ty.shape)
@@ -451,7 +374,8 @@ class _Replace(relax.PyExprMutator):
             y4 = emit(relax.call_tir(plan.gv, [x4, *plan.consts], plan.outputs[0]))
             value = relax.op.reshape(y4, (n, layer.out_channels))
         else:
-            head = self.bfp[plan.data] if layer.bfp_input else [self.visit_expr(plan.data)]
+            head = self.bfp[plan.data] if layer.bfp_input else \
+                [self.nhwc[plan.data] if layer.input_nhwc else self.visit_expr(plan.data)]
             res = [] if plan.residual is None else \
                 [self.nhwc[plan.residual] if layer.residual_nhwc else self.visit_expr(plan.residual)]
             args = [*head, *plan.consts, *res]

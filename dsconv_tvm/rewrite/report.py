@@ -31,7 +31,8 @@ class LayerReport:
     func_name: str = ""               # the PrimFunc the layer calls, when converted
     layer: DSConvLayer | None = None  # what its kernel is specialised on, when converted
     bits: int = 0                     # its weight bits, when converted (mixed precision: per layer)
-    bfp: tuple[str, ...] = ()         # fused BFP: "in" (reads BFP), "out" / "out+fp32" (writes it)
+    bfp: tuple[str, ...] = ()         # fused BFP: "in" (reads BFP), "out" / "out+fp32" (writes it); channel-
+    #                                   innermost floats: "fp32-nhwc" (writes), "in-nhwc" (reads)
 
 
 @dataclass

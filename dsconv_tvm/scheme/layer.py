@@ -56,6 +56,9 @@ class DSConvLayer:
     # ([N, H, W, C]): this layer's residual input, and its float output (with bfp_output)
     residual_nhwc: bool = False
     fp32_nhwc: bool = False
+    # the float input channel-innermost ([N, H, W, C]): written so by a depthwise conv run in NHWC
+    # between two DSConv layers (an inverted residual block, see rewrite/nhwc.py)
+    input_nhwc: bool = False
     # a prologue on the float input before it is quantized (a pre-activation BN + ReLU absorbed
     # from the graph): per-channel ops (PROLOGUE_OPS, each with one constant [C] param after the
     # bias) applied in order, then max(., 0) with prologue_relu; in float32, as the ops it replaces

@@ -19,6 +19,7 @@ class CPUBackend(Backend):
     kind = "llvm"
     fuses_residual = True
     fuses_prologue = True
+    nhwc_depthwise = True
 
     # -- targets --------------------------------------------------------------------------------
     @classmethod
@@ -88,6 +89,16 @@ class CPUBackend(Backend):
 
         return dsconv_primfunc(layer)
 
+    def depthwise_nhwc_primfunc(self, in_shape, kernel, geom, has_bias, activation):
+        from .depthwise import depthwise_nhwc_primfunc
+
+        return depthwise_nhwc_primfunc(in_shape, kernel, geom, has_bias, activation)
+
+    def depthwise_nhwc_params(self, w, bias):
+        from .depthwise import depthwise_nhwc_params
+
+        return depthwise_nhwc_params(w, bias)
+
     def bfp_format(self, layer):
         return bfp_format(layer)
 
@@ -138,10 +149,12 @@ class CPUBackend(Backend):
     def default_schedule_pass(self):
         from tvm.s_tir import dlight
 
+        from .depthwise import DepthwiseNHWCCPU
         from .rules import FP32ConvCPU, ParallelFallback, PoolCPU
         from .schedule import DSConvCPU
 
-        return dlight.ApplyDefaultSchedule(DSConvCPU(), FP32ConvCPU(), PoolCPU(), ParallelFallback())
+        return dlight.ApplyDefaultSchedule(DSConvCPU(), DepthwiseNHWCCPU(), FP32ConvCPU(), PoolCPU(),
+                                           ParallelFallback())
 
     def schedules_key(self, target_name: str) -> str:
         """x86 targets share the records of their kernels' dot-product instruction set (the traces

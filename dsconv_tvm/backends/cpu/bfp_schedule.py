@@ -175,3 +175,54 @@ def copy_input_rows(sch: s_tir.Schedule, row, *readers) -> None:
     sch.compute_at(copy, row, preserve_unit_loops=True)
     sch.storage_align(copy, 0, axis=1, factor=32, offset=16)     # 32 k + 16 floats
     sch.vectorize(sch.get_loops(copy)[-1])
+
+
+def bfp_pixels(sch: s_tir.Schedule, rows: bool) -> None:
+    """The BFP stages of a layer whose float input is channel-innermost (``input_nhwc``: a block's
+    channels of one pixel are contiguous, as the mantissas store them), parallel over (image,
+    block, row): per pixel, the block max as 16 partial maxima updated with vector operations over
+    the contiguous channels (``rfactor``), then reduced; the mantissas contiguous vector loads and
+    stores along the channel slots.  ``rows`` (an unpadded layer): the row's scales and mantissas
+    computed in the same parallel iteration (the exponent recomputed from the max where it is
+    used, as :func:`bfp_rows`), else separate passes.  Schedule only: the same integers."""
+    if rows:
+        sch.compute_inline(sch.get_sblock("bfp_e"))
+    amax = sch.get_sblock("amax")
+    r1 = sch.get_loops(amax)[-1]
+    extent = int(sch.get(r1).extent)
+    x = next(r.source for r in sch.get(amax).reads if r.source.name == "x")        # [N, H, W, C]
+    tail = int(x.shape[-1]) % extent
+    lanes = next((v for v in (16, 8) if extent % v == 0 and extent > v and tail % v == 0), None)
+    if lanes is None:                   # a small or odd block: one max per channel, per pixel
+        n1, g1, y1, _, r1 = sch.get_loops(amax)
+        row = sch.fuse(n1, g1, y1)
+        sch.parallel(row)
+        sch.decompose_reduction(amax, r1)
+    else:
+        _, lane = sch.split(r1, [None, lanes])
+        rf = sch.rfactor(lane, factor_axis=4)            # [N, G, H, W, lanes] partial maxima
+        n1, g1, y1, x1, part, lane = sch.get_loops(rf)
+        row = sch.fuse(n1, g1, y1)
+        sch.parallel(row)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(rf, part)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.reverse_compute_at(amax, x1, preserve_unit_loops=True)        # per pixel
+        sch.decompose_reduction(amax, sch.get_loops(amax)[-5])          # (lanes, n, g, y, x)
+    names = ("bfp_s", "bfp_m") if rows else ("bfp_e", "bfp_s", "bfp_m")
+    for name in names:
+        blk = sch.get_sblock(name)
+        if rows:
+            sch.reverse_compute_at(blk, row, preserve_unit_loops=True)
+        else:
+            loops = sch.get_loops(blk)
+            sch.parallel(sch.fuse(*loops[:3]))
+        inner = sch.get_loops(blk)[-1]
+        slots = int(sch.get(inner).extent)
+        # vectors that straddle neither the end of the channels nor of the block: the test "this
+        # slot holds a channel" is then the same for all lanes (a branch per vector); a per-lane
+        # test makes TVM's vectorized loop serial
+        vec = next((v for v in (16, 8, 4) if slots % v == 0 and extent % v == 0 and tail % v == 0), None)
+        if name == "bfp_m" and vec is not None and vec < slots:
+            inner = sch.split(inner, [None, vec])[1]
+        sch.vectorize(inner)

@@ -97,15 +97,20 @@ def dsconv_te(layer: DSConvLayer):
     # the prologue's constants, one per op (after the bias, before the residual in the params)
     prologue = [te.placeholder((c,), "float32", name=f"pro_{op}{i}") for i, op in enumerate(layer.prologue)]
     if layer.bfp_input:
-        if layer.has_prologue:
-            raise ValueError("a layer with a prologue reads the float input, not fused BFP")
+        if layer.has_prologue or layer.input_nhwc:
+            raise ValueError("a layer with a prologue or a channel-innermost input reads the float input, "
+                             "not fused BFP")
         inputs = [te.placeholder((n, g, h, w, bp), layer.act_dtype, name="x_mant"),
                   te.placeholder((n, g, h, w), "int32", name="x_exp")]
         bfp = bfp_stages(None, layer, _OTHER, exponents=inputs[1])
         mant_at = padded_bfp_input(layer, inputs[0])
     else:
-        x = te.placeholder((n, c, h, w), "float32", name="x")
+        if layer.input_nhwc and layer.has_prologue:
+            raise ValueError("a layer with a prologue reads an NCHW input")
+        x = te.placeholder((n, h, w, c) if layer.input_nhwc else (n, c, h, w), "float32", name="x")
         inputs = [x]
+        if layer.input_nhwc:           # read as NCHW by the stages (channel-innermost loads)
+            x = NHWCView(x)
         # the quantization pass vectorized (tirx.round: the same half-to-even integers as
         # nearbyint, which would make the loop serial); the prologue (if any) a stage of its own,
         # computed per row of the quantization or inlined into it by the schedule
@@ -115,7 +120,10 @@ def dsconv_te(layer: DSConvLayer):
             x = te.compute((n, (g - 1) * layer.block + bp, h, w),
                            lambda nn, ch, yy, xx: reader[nn, tirx.min(ch, c - 1), yy, xx], name="prologue",
                            attrs=_OTHER)
-        bfp = bfp_stages(x, layer, _OTHER, whole_blocks=layer.has_prologue, vector_rint=True)
+        # (a channel-innermost input of whole blocks: unclamped channel indices, so the block's
+        # channels are one contiguous vector load)
+        whole = layer.has_prologue or (layer.input_nhwc and c % layer.block == 0 and bp == layer.block)
+        bfp = bfp_stages(x, layer, _OTHER, whole_blocks=whole, vector_rint=True)
         bfp_m = stored_mantissas(bfp, layer, "bfp_m")
         mant_at = lambda *i: bfp_m[i]                                    # noqa: E731
     wq = te.placeholder(weight_shape(layer), weight_dtype(layer.bits), name="w_packed")
@@ -135,7 +143,7 @@ def dsconv_te(layer: DSConvLayer):
                                   name="residual")
         inputs.append(residual)
         if layer.residual_nhwc:
-            residual = nhwc_reader(residual)
+            residual = NHWCView(residual)
 
     def _unpack(gg, i, j, k4, o, t):       # field k4 % npb of byte k4 // npb (constant once unrolled)
         byte = wq[gg, i, j, k4 // npb, o, t]
@@ -173,9 +181,18 @@ def dsconv_te(layer: DSConvLayer):
     return inputs, fp32 + (quantized_output(layer, y) if layer.bfp_output is not None else [])
 
 
-def nhwc_reader(t):
-    """``(n, c, y, x) -> t[n, y, x, c]``: a channel-innermost tensor read as NCHW."""
-    return lambda nn, c, yy, xx: t[nn, yy, xx, c]
+class NHWCView:
+    """A channel-innermost tensor ``t`` [N, H, W, C] indexed (and called) as NCHW."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __getitem__(self, idx):
+        nn, c, yy, xx = idx
+        return self.t[nn, yy, xx, c]
+
+    def __call__(self, *idx):
+        return self[idx]
 
 
 def stored_mantissas(bfp, layer: DSConvLayer, name: str, bp: int | None = None):
@@ -256,6 +273,8 @@ def fused_bfp_description(layer: DSConvLayer) -> str:
         out += " fp32_nhwc=1"
     if layer.residual_nhwc:
         out += " residual_nhwc=1"
+    if layer.input_nhwc:
+        out += " input_nhwc=1"
     if layer.has_prologue:
         out += " prologue=" + "+".join(layer.prologue + ("relu",) * layer.prologue_relu)
     if layer.out_slots:

@@ -27,7 +27,7 @@ from tvm.target import Target
 
 from ..common import get_block, is_dsconv, layer_attr_value
 from . import intrinsics
-from .bfp_schedule import bfp_rows, copy_input_rows, quantize_rows, quantize_tile, slots_are_block, unpadded
+from .bfp_schedule import bfp_pixels, bfp_rows, copy_input_rows, quantize_rows, quantize_tile, slots_are_block, unpadded
 from .layout import TAP, group_channels
 
 
@@ -246,6 +246,9 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
     # prologue (per-channel ops and ReLU on the float input) computed once per row there, else
     # inlined (computed in both the block max and the mantissas)
     rows = not sample and unpadded(sch)
+    if layer_attr_value(func, "input_nhwc") == "1":     # a channel-innermost float input
+        bfp_pixels(sch, rows)
+        return sch
     if get_block(sch, "prologue") is not None and not (rows and slots_are_block(sch)):
         sch.compute_inline(sch.get_sblock("prologue"))
     if rows:

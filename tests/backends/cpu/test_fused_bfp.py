@@ -160,15 +160,21 @@ CONSUMERS = [
 ]
 
 
+def consumer_case(case, activation="relu", act_dtype="uint8"):
+    """The layer of a :data:`CONSUMERS` case and its arguments: (layer, x, qw, bias, residual, the
+    arguments after the input)."""
+    in_shape, co, k, s, p, bits, block, uns, res = case
+    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, activation,
+                        act_dtype, res)
+    x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
+    return layer, x, qw, bias, resid, [*consts] + ([resid] if resid is not None else [])
+
+
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
 @pytest.mark.parametrize("case", CONSUMERS, ids=lambda c: f"{c[0]}-co{c[1]}-k{c[2]}-s{c[3]}-b{c[5]}")
 def test_consumer_of_bfp_input_equals_the_float_input_kernel(case, target):
-    in_shape, co, k, s, p, bits, block, uns, res = case
-    layer = DSConvLayer(in_shape, co, k, ConvGeometry(s, p), bits, block, 8, uns, "float32", True, "relu",
-                        "uint8", res)
+    layer, x, qw, bias, resid, tail = consumer_case(case)
     fused = dataclasses.replace(layer, bfp_input=True)
-    x, qw, bias, consts, resid = layer_args(layer, seed=sum(in_shape) + co)
-    tail = [*consts] + ([resid] if resid is not None else [])
     (y_float,) = run_local(layer, [x, *tail], target)
     (y_bfp,) = run_local(fused, [*bfp_input_arrays(x, layer), *tail], target)
     np.testing.assert_array_equal(y_bfp, y_float)           # the same integers, the same float order
@@ -176,25 +182,31 @@ def test_consumer_of_bfp_input_equals_the_float_input_kernel(case, target):
     np.testing.assert_allclose(y_bfp, ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()) + 1e-6)
 
 
+def on_emulated_board(emulated_board, target_name, tmp_path, checks) -> None:
+    """``checks(load, dev, target)`` on the emulated Raspberry Pi ``target_name``: ``load(lib)``
+    exports a compiled library, uploads it and returns its ``main`` there.  Every remote object
+    lives in the ``checks`` call only: gone when it returns, before the session ends."""
+    spec = get_target(target_name)
+    count = iter(range(100))
+    with board_session(emulated_board.tracker, emulated_board.key, timeout=120, session_timeout=600) as remote:
+        def load(lib):
+            path = tmp_path / f"lib{next(count)}.so"
+            spec.export_library(lib, str(path))
+            remote.upload(str(path))
+            return remote.load_module(path.name)["main"]
+
+        checks(load, remote.cpu(), spec.tvm_target())
+
+
 @pytest.mark.parametrize("target_name", ["rpi4", "rpi5"])
 def test_fused_bfp_on_emulated_arm_board(emulated_board, tmp_path, target_name):
     """The same checks on the emulated Raspberry Pi (int8 mantissa storage, NEON / sdot kernels)."""
-    spec = get_target(target_name)
-    target = spec.tvm_target()
-    with board_session(emulated_board.tracker, emulated_board.key, timeout=120, session_timeout=600) as remote:
-        _run_on_board(remote, spec, target, tmp_path)
+    on_emulated_board(emulated_board, target_name, tmp_path, _board_checks)
 
 
-def _run_on_board(remote, spec, target, tmp_path):
-    """Every remote object lives in this frame only: gone when it returns."""
-    dev = remote.cpu()
-    count = iter(range(100))
-
+def _board_checks(load, dev, target):
     def run(layer, inputs):
-        path = tmp_path / f"layer{next(count)}.so"
-        spec.export_library(compiled(layer, target), str(path))
-        remote.upload(str(path))
-        return call(remote.load_module(path.name)["main"], layer, inputs, dev)
+        return call(load(compiled(layer, target)), layer, inputs, dev)
 
     for case in (PRODUCERS[0], PRODUCERS[1], PRODUCERS[2], PRODUCERS[5], PRODUCERS[7], PRODUCERS[8]):
         layer = producer_layer(case, "int8")
