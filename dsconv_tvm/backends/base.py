@@ -31,6 +31,8 @@ class Backend:
     #: whether its DSConv kernels can apply a per-channel affine + ReLU to the float input before
     #: quantizing it (``DSConvLayer.has_prologue`` / ``prologue_relu``)
     fuses_prologue = False
+    #: whether its kernels run on the calling thread's CPU (the tuning guard times them there)
+    runs_on_host_cpu = False
 
     def __init__(self, target):
         self.target = target
