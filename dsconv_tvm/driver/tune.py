@@ -6,6 +6,8 @@ locally or on the boards of one key at a TVM RPC tracker, all of them at once (c
 in parallel and cross-linked into a ``.so`` on the host, so the boards need no compiler; see
 :mod:`dsconv_tvm.remote.fleet`).  Every measured record is appended to the JSON database in
 the work dir as soon as it is measured, so an interrupted run loses nothing already measured.
+After local tuning, :mod:`.guard` keeps a task's records only if its best one beats the default
+schedule.
 
 Where ``compile`` finds the records: :mod:`.database`.
 """
