@@ -41,7 +41,7 @@ MARGIN = 0.95          # a record stays if tuned < MARGIN x default (5 % faster)
 ROUNDS = 7             # interleaved rounds per comparison (at most)
 BUDGET_S = 10.0        # a comparison stops after this many seconds (at least MIN_ROUNDS rounds)
 MIN_ROUNDS = 3
-ROUND_CPU_S = 0.002    # each round times enough calls for about this much CPU time
+ROUND_CPU_S = 0.01     # each round times enough calls for about this much CPU time
 MAX_CALLS = 1000
 STARTUP_S = 120.0      # the child's allowance for importing TVM and reading the database
 PER_WORKLOAD_S = 60.0  # ... and per workload (compiling the two kernels, BUDGET_S of timing)
@@ -221,10 +221,10 @@ def guard_database(work_dir: str, target_name: str, margin: float = MARGIN, meas
     target_name)`` -> [{"workload", "name", "tuned_ms", "default_ms"} or an "error"/"timeout"]
     (default :func:`measure_in_child`)."""
     repair_database(work_dir)               # the file's workload indices are the ones measured
-    reported = (measure or measure_in_child)(work_dir, target_name)
+    with_records = sorted({json.loads(r)[0] for r in check_database(work_dir).records})
+    reported = (measure or measure_in_child)(work_dir, target_name) if with_records else []
     timeout = next((r["timeout"] for r in reported if "timeout" in r), None)
     timed = {r["workload"]: r for r in reported if "workload" in r}
-    with_records = sorted({json.loads(r)[0] for r in check_database(work_dir).records})
     result = GuardResult(work_dir, margin)
     for i in with_records:
         r = timed.get(i, {})
