@@ -46,6 +46,7 @@ MAX_CALLS = 1000
 STARTUP_S = 120.0      # the child's allowance for importing TVM and reading the database
 PER_WORKLOAD_S = 60.0  # ... and per workload (compiling the two kernels, BUDGET_S of timing)
 REPORT = "guard.json"
+_SCHEME_KEYS = {"bits", "block", "mantissa", "unsigned", "act", "padding", "dilation"}
 
 
 def workload_name(func) -> str:
@@ -55,7 +56,9 @@ def workload_name(func) -> str:
 
     if is_dsconv(func):
         items = dict(re.findall(r"(\w+)=(\[[^\]]*\]|\S+)", str(func.attrs[LAYER_ATTR])))
-        return "dsconv " + " ".join(f"{k}={items[k]}" for k in ("in", "out", "kernel", "strides") if k in items)
+        shape = [f"{k}={items.pop(k)}" for k in ("in", "out", "kernel", "strides") if k in items]
+        fused = [k for k, v in items.items() if k not in _SCHEME_KEYS and v != "0"]   # e.g. residual
+        return " ".join(["dsconv", *shape, *(["+" + "+".join(fused)] if fused else [])])
     sch = tvm.s_tir.Schedule(func)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     return "fp32 " + "/".join(names[:4])
