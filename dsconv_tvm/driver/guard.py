@@ -38,10 +38,10 @@ from ..target import get_target
 from .database import check_database, drop_workload_records, open_user_database, repair_database
 
 MARGIN = 0.95          # a record stays if tuned < MARGIN x default (5 % faster)
-ROUNDS = 7             # interleaved rounds per comparison (at most)
+ROUNDS = 11            # interleaved rounds per comparison (at most)
 BUDGET_S = 10.0        # a comparison stops after this many seconds (at least MIN_ROUNDS rounds)
 MIN_ROUNDS = 3
-ROUND_CPU_S = 0.01     # each round times enough calls for about this much CPU time
+ROUND_CPU_S = 0.02     # each round times enough calls for about this much CPU time
 MAX_CALLS = 1000
 STARTUP_S = 120.0      # the child's allowance for importing TVM and reading the database
 PER_WORKLOAD_S = 60.0  # ... and per workload (compiling the two kernels, BUDGET_S of timing)
