@@ -161,10 +161,11 @@ def guarded(tmp_path_factory):
     return model, work, out.getvalue()
 
 
-def test_tune_guard_keeps_only_records_that_beat_the_default(guarded, tmp_path):
+def test_tune_guard_keeps_only_records_that_beat_the_default(guarded, tuned, tmp_path):
     """After `tune`: every record left beats the default by the guard's own measurement
     (guard.json), the others are gone, the summary is printed, and the model compiled with the
-    database still matches the reference."""
+    database still matches the reference.  The same run with --keep-losing (``tuned``) kept every
+    record: as many as the guarded run left and removed."""
     from dsconv_tvm.driver.guard import MARGIN
 
     model, work, out = guarded
@@ -173,8 +174,10 @@ def test_tune_guard_keeps_only_records_that_beat_the_default(guarded, tmp_path):
     task = report["tasks"][0]
     assert task["tuned_ms"] > 0 and task["default_ms"] > 0
     assert task["kept"] == (task["tuned_ms"] < MARGIN * task["default_ms"])
-    left = {json.loads(line)[0] for line in _records(work).splitlines()}
+    records = _records(work).splitlines()
+    left = {json.loads(line)[0] for line in records}
     assert left == {t["workload"] for t in report["tasks"] if t["kept"]}
+    assert len(_records(tuned[1]).splitlines()) == len(records) + report["records_removed"]
     assert f"guard     {'kept   ' if task['kept'] else 'dropped'} dsconv in=[1, 8, 12, 12]" in out
     assert f"guard     {report['kept']} of 1 tasks keep their tuned record" in out
     result = _compile_and_check(model, work, str(tmp_path / "g.so"))
