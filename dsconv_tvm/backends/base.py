@@ -35,6 +35,8 @@ class Backend:
     #: producer writing its float output [N, H, W, C], the consumers reading it so:
     #: ``DSConvLayer.fp32_nhwc`` / ``input_nhwc``, :meth:`depthwise_nhwc_primfunc`)
     nhwc_depthwise = False
+    #: whether its kernels run on the calling thread's CPU (the tuning guard times them there)
+    runs_on_host_cpu = False
 
     def __init__(self, target):
         self.target = target

@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
                                     "the ops kept in fp32) with MetaSchedule's evolutionary search and "
                                     "XGBoost cost model. Records are appended to the database in "
                                     "--work-dir as they are measured (an interrupted run keeps them); "
-                                    "compile with --tuning-db WORK_DIR to use them.")
+                                    "compile with --tuning-db WORK_DIR to use them. After local tuning "
+                                    "each task's best record is timed against the default schedule "
+                                    "(one thread, CPU time) and kept only if >= 5 % faster "
+                                    "(WORK_DIR/guard.json; --keep-losing keeps every record).")
     tu.add_argument("model", nargs="?", help="the ONNX model file")
     tu.add_argument("--repair-db", default=None, metavar="DIR",
                     help="instead of tuning: remove the damaged lines (a half-written record of a "
@@ -39,12 +42,17 @@ def add_parser(sub) -> None:
     tu.add_argument("--fp32", action="store_true",
                     help="tune the fp32 model as imported (no DSConv rewrite): the baseline, tuned "
                          "with the same tuner; build it with tools/benchmark.py")
+    tu.add_argument("--keep-losing", action="store_true",
+                    help="skip the guard: keep the best record of every task even where it is not "
+                         ">= 5 %% faster than the default schedule (the guard runs after local "
+                         "tuning only; with --tracker it never runs)")
     add_scheme_options(tu)
     tu.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args) -> int:
     from ..driver.database import check_database, is_database_dir, repair_database
+    from ..driver.guard import guard_lines
     from ..driver.tune import convergence, tune_model
     from ..frontend.onnx import parse_input_shapes
 
@@ -79,7 +87,7 @@ def cmd_tune(args) -> int:
                         trials_per_iter=args.trials_per_iter, trials_per_task=args.trials_per_task,
                         tracker=args.tracker, key=args.key,
                         timeout=args.timeout, log=log,
-                        dsconv=not args.fp32)
+                        dsconv=not args.fp32, guard=not args.keep_losing)
     if result.failures:
         lines = [l for l in result.first_error.splitlines() if l.strip()]
         print(f"warning: {result.failures} of {result.trials} candidates failed to build or run; first error: "
@@ -91,5 +99,7 @@ def cmd_tune(args) -> int:
     print(f"tuned {len(result.tasks)} tasks with {result.trials} trials in {result.seconds:.0f} s; best total "
           f"{final:.3f} ms (the tasks' best kernels x calls per run), within 10 % of it after {n10} trials / "
           f"{reach:.0f} s")
+    for line in guard_lines(result.guard) if result.guard else [f"guard     {result.guard_skipped}"]:
+        print(line)
     print(f"database  {os.path.abspath(result.work_dir)}  (compile with --tuning-db {result.work_dir})")
     return EXIT_OK

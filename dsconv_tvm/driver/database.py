@@ -128,6 +128,19 @@ def repair_database(work_dir: str) -> int:
     return db.skipped
 
 
+def drop_workload_records(work_dir: str, workloads) -> int:
+    """Remove every record of the workloads at these indices of a repaired database
+    (:func:`repair_database`): compile then finds no record for them and uses the default schedule.
+    The records file is rewritten atomically; the workloads file is left as it is (its indices stay
+    valid).  The number of records removed."""
+    workloads = set(workloads)
+    db = check_database(work_dir)
+    keep = [r for r in db.records if json.loads(r)[0] not in workloads]
+    if len(keep) < len(db.records):
+        atomic_write_text(os.path.join(work_dir, DB_FILES[1]), "".join(r + "\n" for r in keep))
+    return len(db.records) - len(keep)
+
+
 def open_user_database(work_dir: str, log=None):
     """A MetaSchedule database of the good records of ``work_dir``; warns once (``log``) with the
     number of damaged lines skipped.  The user's files are not changed (a clean copy in a

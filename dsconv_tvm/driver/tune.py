@@ -6,6 +6,8 @@ locally or on the boards of one key at a TVM RPC tracker, all of them at once (c
 in parallel and cross-linked into a ``.so`` on the host, so the boards need no compiler; see
 :mod:`dsconv_tvm.remote.fleet`).  Every measured record is appended to the JSON database in
 the work dir as soon as it is measured, so an interrupted run loses nothing already measured.
+After local tuning, :mod:`.guard` keeps a task's records only if its best one beats the default
+schedule.
 
 Where ``compile`` finds the records: :mod:`.database`.
 """
@@ -26,6 +28,7 @@ from ..remote.fleet import fleet_runner, journal_counts, wait_for_boards
 from ..target import get_target
 from .compile import build_relax, rewrite_dsconv
 from .database import repair_database
+from .guard import GuardResult, guard_database
 
 
 @dataclass
@@ -40,6 +43,8 @@ class TuneResult:
     boards: dict = field(default_factory=dict)   # "HOST:PORT" -> {"measured", "failed", "busy_s"}
     workers: int = 0                  # boards measuring at once (0: measured here)
     candidates: int = 0               # candidates measured (or failed): one database record each
+    guard: GuardResult | None = None  # the tuning guard's comparison (None: not run, see guard_skipped)
+    guard_skipped: str = ""           # why the guard did not run
 
 
 def convergence(history) -> tuple[float, float, int]:
@@ -137,11 +142,14 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
                input_shapes: dict | None = None, trials: int = 64, trials_per_iter: int = 16,
                trials_per_task: int | None = None,
                tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
-               seed: int = 0, log=None, stream=None, dsconv: bool = True) -> TuneResult:
+               seed: int = 0, log=None, stream=None, dsconv: bool = True,
+               guard: bool = True) -> TuneResult:
     """Tune the DSConv model for a target; records go to ``work_dir`` (a JSON database).
     ``dsconv=False`` tunes the fp32 model as imported (no rewrite): the baseline with the same tuner.
     ``trials_per_task`` (instead of ``trials``): a budget of that many trials for each task tuned,
-    so that models with more distinct layers get more in total (and every task gets measured)."""
+    so that models with more distinct layers get more in total (and every task gets measured).
+    ``guard``: after local tuning on a CPU, keep only the records that beat the default schedule
+    (:mod:`.guard`); skipped with ``tracker`` (the boards' timings cannot be checked here)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -227,4 +235,14 @@ def tune_model(model_path: str, target_name: str, work_dir: str, config: DSConvC
             runner.pool.shutdown()        # no idle worker process outlives the run
         # every record measured so far stays valid, even when interrupted in the middle of a write
         repair_database(work_dir)
+    if not guard:
+        result.guard_skipped = "not run (--keep-losing): every record is kept"
+    elif tracker:
+        result.guard_skipped = ("not run: records measured on the boards are kept as they are (the guard "
+                                "times records against the defaults on this host's CPU only)")
+    elif not backend.runs_on_host_cpu:
+        result.guard_skipped = f"not run: the guard times CPU kernels only (target {spec.name})"
+    else:
+        log("guard: timing each task's best record against its default schedule (one thread, CPU time)")
+        result.guard = guard_database(work_dir, spec.name)
     return result

@@ -1,7 +1,11 @@
 """`dsconv-tvm tune` (MetaSchedule + XGBoost) and `compile --tuning-db`: tuned schedules are used and
 the tuned model still equals the numpy reference."""
 
+import contextlib
+import io
+import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -9,10 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dsconv_tvm.cli import main as cli
-from dsconv_tvm.driver.compile import compile_model
-from dsconv_tvm.execute.runner import sample_inputs
 from dsconv_tvm.config import DSConvConfig
-from dsconv_tvm.execute.runner import predict
+from dsconv_tvm.driver.compile import compile_model
+from dsconv_tvm.execute.runner import predict, sample_inputs
 from dsconv_tvm.frontend.onnx import load_onnx
 from dsconv_tvm.scheme.reference import reference_model
 
@@ -34,9 +37,12 @@ def tuned(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
     model = _one_conv_model(str(d / "one.onnx"))
     work = str(d / "db")
-    rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
-                   "--block", "8", "--first-layer", "dsconv"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
+                       "--block", "8", "--first-layer", "dsconv", "--keep-losing"])
     assert rc == 0
+    assert "guard     not run (--keep-losing): every record is kept" in out.getvalue()
     return model, work
 
 
@@ -47,6 +53,7 @@ def test_tune_writes_a_database(tuned):
     with open(os.path.join(work, "database_tuning_record.json")) as f:
         records = [line for line in f if line.strip()]
     assert 1 <= len(records) <= 4          # --trials-per-task 4 with one task: 4 trials in total
+    assert not os.path.exists(os.path.join(work, "guard.json"))
 
 
 def test_trials_per_task_must_be_positive(tmp_path, capsys):
@@ -56,20 +63,125 @@ def test_trials_per_task_must_be_positive(tmp_path, capsys):
     assert "--trials-per-task 0" in err and "Traceback" not in err
 
 
-def test_compile_uses_tuning_db_and_matches_reference(tuned, tmp_path, capsys):
-    model, work = tuned
+def _compile_and_check(model, work, out):
+    """Compile with the tuning database ``work``: the library matches the numpy reference; the
+    compile result (its ``tuned_functions``: the functions a database record scheduled)."""
     cfg = DSConvConfig(block=8, first_layer="dsconv")
-    out = str(tmp_path / "t.so")
     result = compile_model(model, "x86", out, cfg, check=False, tuning_db=work)
     assert result.schedules.startswith("tuning database")
-    assert result.tuned_functions and any(f.startswith("dsconv_") for f in result.tuned_functions)
     loaded = load_onnx(model)
     x = sample_inputs(loaded, 1)[0]
     ref = reference_model(loaded, result.report, cfg.mantissa, cfg.block)(x)
     np.testing.assert_allclose(predict(out, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    return result
+
+
+def test_compile_uses_tuning_db_and_matches_reference(tuned, tmp_path, capsys):
+    model, work = tuned
+    result = _compile_and_check(model, work, str(tmp_path / "t.so"))
+    assert result.tuned_functions and any(f.startswith("dsconv_") for f in result.tuned_functions)
     assert cli.main(["compile", model, "-o", str(tmp_path / "u.so"), "--block", "8", "--first-layer", "dsconv",
                      "--tuning-db", work, "--no-check"]) == 0
     assert "1 of 1 DSConv layers tuned" in capsys.readouterr().out
+
+
+def _records(work):
+    with open(os.path.join(work, "database_tuning_record.json")) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("tuned_ms, kept", [(0.5, True), (0.96, False), (2.0, False)])
+def test_guard_keeps_only_records_that_beat_the_default(tuned, tmp_path, tuned_ms, kept):
+    """A record kept stays (the file is not rewritten); one that loses (or is within the 5 % margin)
+    is removed with every record of its workload, and compile then uses the default schedule."""
+    from dsconv_tvm.driver.guard import guard_database
+
+    model, work = tuned
+    db = str(tmp_path / "db")
+    shutil.copytree(work, db)
+    before = _records(db)
+    measured = [{"workload": 0, "name": "conv", "tuned_ms": tuned_ms, "default_ms": 1.0}]
+    result = guard_database(db, "x86", measure=lambda w, t: measured)
+    assert [(e.name, e.kept, e.tuned_ms, e.default_ms) for e in result.entries] == [("conv", kept, tuned_ms, 1.0)]
+    report = json.load(open(os.path.join(db, "guard.json")))
+    assert report["kept"] == int(kept) and report["tasks"][0]["tuned_ms"] == tuned_ms
+    assert report["records_removed"] == result.records_removed
+    if kept:
+        assert _records(db) == before and result.records_removed == 0
+    else:
+        assert _records(db) == "" and result.records_removed == before.count("\n")
+    workloads = [open(os.path.join(d, "database_workload.json")).read() for d in (db, work)]
+    assert workloads[0] == workloads[1]             # the workloads file is left as it is
+    compiled = _compile_and_check(model, db, str(tmp_path / "g.so"))
+    assert bool(compiled.tuned_functions) == kept
+
+
+def test_guard_drops_untimed_records_and_rewrites_atomically(tuned, tmp_path, monkeypatch):
+    """A workload the timing child did not report is dropped; a rewrite that fails at the rename (a
+    kill) leaves the database as it was and no temporary file."""
+    from dsconv_tvm import fileio
+    from dsconv_tvm.driver.guard import guard_database
+
+    _, work = tuned
+    db = str(tmp_path / "db")
+    shutil.copytree(work, db)
+    before, listing = _records(db), sorted(os.listdir(db))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        guard_database(db, "x86", measure=lambda w, t: [{"timeout": 1.0}])
+    assert _records(db) == before and sorted(os.listdir(db)) == listing
+    monkeypatch.undo()
+    result = guard_database(db, "x86", measure=lambda w, t: [{"timeout": 1.0}])
+    assert [(e.kept, e.note) for e in result.entries] == [(False, "not timed (timeout 1 s)")]
+    assert _records(db) == ""
+
+
+def test_guard_timing_child_is_bounded(tuned):
+    """The timing child killed at its timeout reports the timeout (and whatever it timed before)."""
+    from dsconv_tvm.driver.guard import measure_in_child
+
+    _, work = tuned
+    assert measure_in_child(work, "x86", timeout_s=0.2)[-1] == {"timeout": 0.2}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guarded")
+    model = _one_conv_model(str(d / "one.onnx"))
+    work = str(d / "db")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
+                       "--block", "8", "--first-layer", "dsconv"])
+    assert rc == 0
+    return model, work, out.getvalue()
+
+
+def test_tune_guard_keeps_only_records_that_beat_the_default(guarded, tuned, tmp_path):
+    """After `tune`: every record left beats the default by the guard's own measurement
+    (guard.json), the others are gone, the summary is printed, and the model compiled with the
+    database still matches the reference.  The same run with --keep-losing (``tuned``) kept every
+    record: as many as the guarded run left and removed."""
+    from dsconv_tvm.driver.guard import MARGIN
+
+    model, work, out = guarded
+    report = json.load(open(os.path.join(work, "guard.json")))
+    assert report["margin"] == MARGIN and len(report["tasks"]) == 1
+    task = report["tasks"][0]
+    assert task["tuned_ms"] > 0 and task["default_ms"] > 0
+    assert task["kept"] == (task["tuned_ms"] < MARGIN * task["default_ms"])
+    records = _records(work).splitlines()
+    left = {json.loads(line)[0] for line in records}
+    assert left == {t["workload"] for t in report["tasks"] if t["kept"]}
+    assert len(_records(tuned[1]).splitlines()) == len(records) + report["records_removed"]
+    assert f"guard     {'kept   ' if task['kept'] else 'dropped'} dsconv in=[1, 8, 12, 12]" in out
+    assert f"guard     {report['kept']} of 1 tasks keep their tuned record" in out
+    result = _compile_and_check(model, work, str(tmp_path / "g.so"))
+    assert bool(result.tuned_functions) == task["kept"]
 
 
 def test_bad_tuning_db_is_one_line_error(tuned, tmp_path, capsys):
@@ -93,7 +205,8 @@ def own_emulated_board(tmp_path):
     import subprocess
     from types import SimpleNamespace
 
-    from conftest import free_port, emulated_board_tool, start_tracker
+    from conftest import emulated_board_tool, free_port, start_tracker
+
     from dsconv_tvm.remote.processes import kill_process_tree
 
     tool = emulated_board_tool()
@@ -116,7 +229,6 @@ def test_tune_over_the_tracker_on_the_emulated_board(own_emulated_board, tmp_pat
     emulated_board = own_emulated_board
     """`tune --tracker --key`: candidates are cross-linked on the host and measured on the (emulated)
     board; the tuned rpi5 library then runs on the board and matches the host build."""
-    import json
     import re
 
     model = _one_conv_model(str(tmp_path / "one.onnx"))

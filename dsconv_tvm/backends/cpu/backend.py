@@ -17,6 +17,7 @@ from .layout import bfp_format, layer_params
 
 class CPUBackend(Backend):
     kind = "llvm"
+    runs_on_host_cpu = True
     fuses_residual = True
     fuses_prologue = True
     nhwc_depthwise = True
