@@ -220,8 +220,8 @@ def schedule_dsconv_cpu(func: tirx.PrimFunc, target: Target, tile: tuple[int, in
         quantize_tile(sch, qo)
     else:
         # (the dot products' reduction extent: the block's slots)
-        if intrin is not None and intrin.isa == "sdot" and \
-                int(sch.get(acc_blk).iter_vars[-1].dom.extent) <= 2 * intrin.channels:
+        if intrin is not None and (intrin.isa not in ARM_PIXELS or intrin.isa == "sdot" and
+                                   int(sch.get(acc_blk).iter_vars[-1].dom.extent) <= 2 * intrin.channels):
             _channel_innermost_tile(sch, out_blk)
         sch.vectorize(sch.get_loops(epi_blk)[-1])
         if b2 is not None:
@@ -346,13 +346,17 @@ def _schedule_dense(sch: s_tir.Schedule, func: tirx.PrimFunc, intrin, vl: int | 
 
 
 def _channel_innermost_tile(sch: s_tir.Schedule, out_blk) -> None:
-    """The float tile of an unfused A76 kernel whose blocks hold at most two 8-channel dot-product
-    calls (blocks of up to 16 slots: ResNet-20's 16-channel stage) laid out channel-innermost, ``[QT, VL]`` as the
-    registers hold it.  LLVM unrolls such a tap's whole body; with the NCHW tile (``[VL, QT]``) it
-    then built every int32x4 -> float vector of the rescale from single lanes (``mov v.s[i]``,
-    with spills): about 1.0 M instructions per 16 -> 16 3x3 layer on 28x28 instead of 0.56 M.
-    The epilogue transposes once per tile instead.  Measured to cost 1-3 % on wider blocks and on
-    the A72, so only here."""
+    """The float tile of an unfused x86 kernel, or of an A76 kernel whose blocks hold at most two
+    8-channel dot-product calls (blocks of up to 16 slots: ResNet-20's 16-channel stage), laid out
+    channel-innermost, ``[QT, VL]`` as the registers hold it.  x86 (Zen 5, one thread, CPU time,
+    float NCHW output): with the NCHW tile LLVM built the tile's transposes from single lanes
+    where the row piece is odd (SqueezeNet's 16x55x55 -> 64 3x3, 11 pixels: 0.571 -> 0.114 ms;
+    32x27x27 -> 128 3x3, 9 pixels: 0.295 -> 0.082 ms), elsewhere within -3..+12 % (64x56x56 ->
+    64 1x1 0.069 -> 0.062 ms); AVX2 the same or faster.  On the A76, LLVM unrolls such a tap's
+    whole body; with the NCHW tile (``[VL, QT]``) it then built every int32x4 -> float vector of
+    the rescale from single lanes (``mov v.s[i]``, with spills): about 1.0 M instructions per
+    16 -> 16 3x3 layer on 28x28 instead of 0.56 M.  The epilogue transposes once per tile
+    instead.  Measured to cost 1-3 % on wider ARM blocks and on the A72, so only there."""
     sch.transform_layout(out_blk, ("write", 0), lambda n, o, p, q: (n, p, q, o))
 
 
