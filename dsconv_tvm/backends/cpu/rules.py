@@ -63,18 +63,21 @@ def schedule_fp32_conv(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | 
     return _finish(sch, conv, outer, loops[4], unrolled=fi, vectorized=xi)
 
 
-def _tile(sch: s_tir.Schedule, loops, ft: int, xt: int, channels_inner: bool, rows_outer: bool = False):
+def _tile(sch: s_tir.Schedule, loops, ft: int, xt: int, channels_inner: bool, rows_outer: int = 0):
     """Split a conv's output channels by ``ft`` and its row by ``xt``, the reduction between the
     tile loops and the tile (channels innermost or pixels innermost), (image, channel tile, row)
-    in parallel (``rows_outer``: (image, row), the channel tiles inside: what the parallel loop
-    prepares, e.g. the padded input rows, is then made once per row).  Returns (the parallel
-    loop, the pixel-tile loop, channel loop, pixel loop)."""
+    in parallel (``rows_outer``: (image, ``rows_outer`` rows), the channel tiles inside, those rows
+    unrolled in the tile: what the parallel loop prepares, e.g. the padded input rows, is then
+    made once per row).  Returns (the parallel loop, the pixel-tile loop, channel loop, pixel
+    loop)."""
     n_, f_, y_, x_ = loops[:4]
     fo, fi = sch.split(f_, [None, ft])
     xo, xi = sch.split(x_, [None, xt])
     if rows_outer:
-        sch.reorder(n_, y_, fo, xo, *loops[4:], *((xi, fi) if channels_inner else (fi, xi)))
-        outer = sch.fuse(n_, y_)
+        yo, yi = sch.split(y_, [None, rows_outer])
+        sch.reorder(n_, yo, fo, xo, *loops[4:], yi, *((xi, fi) if channels_inner else (fi, xi)))
+        sch.unroll(yi)
+        outer = sch.fuse(n_, yo)
         sch.parallel(outer)
         return outer, xo, fi, xi
     sch.reorder(n_, fo, y_, xo, *loops[4:], *((xi, fi) if channels_inner else (fi, xi)))
@@ -327,8 +330,12 @@ def _outer_product_conv(sch: s_tir.Schedule, conv, loops, tile) -> s_tir.Schedul
     xt = largest_divisor(ow, list(tile[1]))
     consumers = _inline_consumers(sch, conv)
     # rows outside the channel tiles: the padded input rows made once per row (ResNet-50's stem
-    # 1.18 -> 1.10 ms, MobileNetV2's 0.153 -> 0.143 ms, Zen 5, one thread)
-    outer, xo, fi, xi = _tile(sch, loops, ft, xt, channels_inner=True, rows_outer=True)
+    # 1.18 -> 1.10 ms, MobileNetV2's 0.153 -> 0.143 ms, Zen 5, one thread); a row whose pieces are
+    # under 4 pixels (111 = 3 x 37: SqueezeNet's stem) takes a few rows per tile instead, up to
+    # the widest piece + 1 pixels in all (enough independent multiply-add chains)
+    oh = int(sch.get(loops[2]).extent)
+    rows = 1 if xt >= 4 else next(r for r in range((tile[1][0] + 1) // xt, 0, -1) if oh % r == 0)
+    outer, xo, fi, xi = _tile(sch, loops, ft, xt, channels_inner=True, rows_outer=rows)
     weight = next(i for i, r in enumerate(sch.get(conv).reads)
                   if len(r.source.shape) == 4 and int(r.source.shape[0]) == co)
     wc = sch.cache_read(conv, weight, "global")
