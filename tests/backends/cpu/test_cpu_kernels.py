@@ -398,13 +398,13 @@ def test_pool_default_schedule_matches_numpy(shape, kind, k, s, pad):
 @pytest.mark.parametrize("ci,co,hw,k,s,upper", [(3, 16, 30, 7, 2, None), (3, 24, 17, 3, 1, None),
                                                 (5, 8, 12, 3, 2, None), (3, 64, 32, 7, 2, None),
                                                 (3, 32, 56, 7, 2, None), (3, 32, 48, 3, 2, 6.0),
-                                                (3, 16, 65, 3, 2, None)])
+                                                (3, 16, 65, 3, 2, None), (3, 16, 77, 3, 2, None)])
 @pytest.mark.parametrize("tname", ["host", "avx2"])
 def test_fp32_conv_default_schedule_matches_numpy(ci, co, hw, k, s, upper, tname):
     """The kept first layer (conv + bias + ReLU, or ReLU6 with ``upper``: MobileNetV2's stem) with
     FP32ConvCPU's schedule, against numpy; on AVX-512 a stem-like conv (16k output channels) takes
     the outer-product tile (the weights copied channels-innermost: a ``w_global`` block; 33 output
-    columns: 3 pixels x 3 rows a tile), AVX2 keeps the row-vectorized one."""
+    columns: 11 pixels a tile, 39: 3 pixels x 3 rows), AVX2 keeps the row-vectorized one."""
     from tvm import te, topi
 
     from dsconv_tvm.backends.cpu.rules import schedule_fp32_conv
