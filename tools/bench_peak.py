@@ -45,8 +45,8 @@ C_SOURCE = r"""
 static double now(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 #define MUL4 "imul %0, %0\n\timul %0, %0\n\timul %0, %0\n\timul %0, %0\n\t"
 #define N_ITER 20000000L
-enum { CLOCK, AVX2, AVX2_MADDUBS, AVX512, AVX512_MADDUBS, VNNI, NRES };
-static const char *NAMES[NRES] = {"hz", "avx2", "avx2_maddubs", "avx512", "avx512_maddubs", "vnni"};
+enum { CLOCK, AVX2, AVX2_MADDUBS, AVX512, AVX512_MADDUBS, VNNI, FMA512, NRES };
+static const char *NAMES[NRES] = {"hz", "avx2", "avx2_maddubs", "avx512", "avx512_maddubs", "vnni", "fma512"};
 typedef struct { double r[NRES]; } res_t;
 static volatile int sink;
 
@@ -99,6 +99,22 @@ __attribute__((target("avx512f,avx512vnni"))) static double vnni(void) {
     return 64.0 * 12 * N_ITER / t;
 }
 
+/* the fp32 peak of the kept fp32 convs (their outer-product tiles are vfmadd231ps zmm): twelve
+   independent accumulators, c = c * 1 + b (no overflow, no denormals) */
+__attribute__((target("avx512f"))) static double fma512(void) {
+    __m512 a = _mm512_set1_ps(1.0f), b = _mm512_set1_ps(1e-7f), c[12];
+    for (int k = 0; k < 12; k++) c[k] = _mm512_setzero_ps();
+    double t0 = now();
+    for (long i = 0; i < N_ITER; i++) {
+        __asm__ volatile("" : "+v"(a), "+v"(b));
+        _Pragma("GCC unroll 12") for (int k = 0; k < 12; k++) c[k] = _mm512_fmadd_ps(c[k], a, b);
+    }
+    double t = now() - t0;
+    __m512 s = c[0]; for (int k = 1; k < 12; k++) s = _mm512_add_ps(s, c[k]);
+    sink = (int)_mm512_reduce_add_ps(s);
+    return 16.0 * 12 * N_ITER / t;
+}
+
 static void *work(void *p) {
     res_t *r = (res_t *)p;
     for (int k = 0; k < NRES; k++) r->r[k] = -1;
@@ -106,6 +122,7 @@ static void *work(void *p) {
     if (__builtin_cpu_supports("avx2")) { r->r[AVX2] = avx2(0); r->r[AVX2_MADDUBS] = avx2(1); }
     if (__builtin_cpu_supports("avx512bw")) { r->r[AVX512] = avx512(0); r->r[AVX512_MADDUBS] = avx512(1); }
     if (__builtin_cpu_supports("avx512vnni")) r->r[VNNI] = vnni();
+    if (__builtin_cpu_supports("avx512f")) r->r[FMA512] = fma512();
     return 0;
 }
 
@@ -134,6 +151,7 @@ SEQUENCES = {
     "vnni": "vpdpbusd zmm (64 MACs)",
     "avx2_maddubs": "vpmaddubsw ymm + vpaddw (32 MACs)",
     "avx512_maddubs": "vpmaddubsw zmm + vpaddw (64 MACs)",
+    "fma512": "vfmadd231ps zmm (16 fp32 multiply-adds; the fp32 convs' peak)",
 }
 
 #: nominal MACs/cycle/core from instruction tables (for comparison only: the peak is measured)
