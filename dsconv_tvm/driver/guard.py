@@ -77,11 +77,12 @@ def time_against_default(record, target, backend, rounds: int = ROUNDS,
     import numpy as np
     import tvm
 
-    mod = record.workload.mod
-    sch = tvm.s_tir.Schedule(mod)
+    # each its own copy of the workload's module: a Schedule on it rewrites its PrimFunc in place
+    # (the record's workload -- which ship_schedules then wrote to the archive -- came back scheduled)
+    sch = tvm.s_tir.Schedule(_copy(record.workload.mod))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     with target:
-        default = backend.default_schedule_pass()(mod)
+        default = backend.default_schedule_pass()(_copy(record.workload.mod))
     funcs = [tvm.compile(sch.mod, target).mod["main"], tvm.compile(default, target).mod["main"]]
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor((rng.random([int(d) for d in a.shape]) * (15 if "int" in str(a.dtype) else 1))
@@ -256,3 +257,10 @@ def guard_lines(result: GuardResult) -> list[str]:
                  f"one-thread CPU time < {result.margin:g} x the default's; {result.records_removed} "
                  f"records removed); {result.report}")
     return lines
+
+
+def _copy(mod):
+    """A deep copy of an IRModule (through its JSON form)."""
+    import tvm
+
+    return tvm.ir.load_json(tvm.ir.save_json(mod))

@@ -98,6 +98,29 @@ def shipped_database(path: str | os.PathLike):
     return ShippedDatabase(str(path))
 
 
+def record_json(record) -> list:
+    """A MetaSchedule TuningRecord as JSON, the way its JSON database files store it: TVM's
+    ``TuningRecord.as_json`` cannot convert a trace that holds an IndexMap (a ``transform_layout``:
+    every unfused x86 DSConv schedule has one), which the database files store as the object's
+    ``tvm.ir.save_json`` string; so does this."""
+    import tvm
+    import tvm.s_tir.meta_schedule  # noqa: F401  (registers its global functions)
+    import tvm_ffi
+
+    def plain(obj):
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            return obj.value
+        if isinstance(obj, tvm_ffi.Array):
+            return [plain(i) for i in obj]
+        if isinstance(obj, tvm_ffi.Map):
+            return {plain(k): plain(v) for k, v in obj.items()}
+        return tvm.ir.save_json(obj)
+
+    return plain(tvm_ffi.get_global_func("s_tir.meta_schedule.TuningRecordAsJSON")(record))
+
+
 def write_shipped(archive: str | os.PathLike, databases, keep_existing: bool = True, keep=None) -> int:
     """Merge the best record per workload of ``databases`` (MetaSchedule databases) and, with
     ``keep_existing``, of the archive already there, into ``archive``; returns the entry count.
@@ -129,7 +152,7 @@ def write_shipped(archive: str | os.PathLike, databases, keep_existing: bool = T
                 best[h] = (mean, record)
     for h, (mean, record) in best.items():
         if keep is None or keep(record):
-            offer(h, mean, json.dumps(record.as_json(), separators=(",", ":")),
+            offer(h, mean, json.dumps(record_json(record), separators=(",", ":")),
                   json.dumps(record.workload.as_json(), separators=(",", ":")))
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".tmp")

@@ -250,3 +250,36 @@ def test_tune_over_the_tracker_on_the_emulated_board(own_emulated_board, tmp_pat
     assert cli.main(["bench", so, "--tracker", emulated_board.tracker, "--key", emulated_board.key,
                      "--repeat", "1", "--number", "1", "--reference", ref]) == 0
     assert re.search(r"check .*argmax same: OK", capsys.readouterr().out)
+
+
+def test_timing_a_record_leaves_its_workload_as_it_was():
+    """The guard (and ship_schedules) time a record against the default schedule of its PrimFunc;
+    the record's workload must stay the unscheduled PrimFunc (a Schedule on it rewrote it in place,
+    and the archive then held scheduled workloads no trace replays on)."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from dsconv_tvm.backends.base import backend_for
+    from dsconv_tvm.backends.cpu.kernels import dsconv_primfunc
+    from dsconv_tvm.backends.cpu.schedule import register_metaschedule_rule, schedule_dsconv_cpu
+    from dsconv_tvm.driver.guard import time_against_default
+    from dsconv_tvm.scheme.geometry import ConvGeometry
+    from dsconv_tvm.scheme.layer import DSConvLayer
+    from dsconv_tvm.target import get_target
+
+    register_metaschedule_rule()
+    target = get_target("x86").tvm_target()
+    backend = backend_for(target)
+    layer = DSConvLayer((1, 32, 8, 8), 32, (1, 1), ConvGeometry(), 4, 32, 8, True, "float32", True, "relu",
+                        backend.act_dtype)
+    func = dsconv_primfunc(layer).with_attr("global_symbol", "main")
+    db = ms.database.MemoryDatabase()
+    workload = db.commit_workload(tvm.IRModule({"main": func}))
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    schedule_dsconv_cpu(func, target, sch=sch)
+    record = ms.database.TuningRecord(sch.trace, workload, [1e-4], target, ms.arg_info.ArgInfo.from_prim_func(func))
+    before = tvm_ffi.structural_hash(record.workload.mod)
+    tuned, default = time_against_default(record, target, backend, rounds=1)
+    assert tuned > 0 and default > 0
+    assert tvm_ffi.structural_hash(record.workload.mod) == before
