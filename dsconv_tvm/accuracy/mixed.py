@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends.base import backend_for
+from ..backends.base import backend_for, deployed_bytes
 from ..config import DSConvConfig
 from ..driver.compile import build_relax, rewrite_dsconv
 from ..errors import ConfigError, DataError, ModelError
@@ -116,8 +116,8 @@ def layer_bytes(backend, layer, weight_shape, bits: int) -> int:
     co, ci, kh, kw = weight_shape
     g = -(-ci // layer.block)
     lay = dataclasses.replace(layer, bits=bits, has_bias=False)
-    params = backend.layer_params(lay, np.zeros(weight_shape, np.int8), np.zeros((co, g, kh, kw), np.float32), None)
-    return int(params[0].nbytes + params[1].nbytes)
+    return deployed_bytes(backend.layer_params(lay, np.zeros(weight_shape, np.int8),
+                                               np.zeros((co, g, kh, kw), np.float32), None))
 
 
 def _candidates(layers, backend, bits_options) -> list[LayerChoice]:

@@ -140,6 +140,12 @@ class Backend:
         raise NotImplementedError
 
 
+def deployed_bytes(params: list[np.ndarray]) -> int:
+    """The deployed bytes of a converted layer: its packed weights and scales, the first two of its
+    :meth:`Backend.layer_params`."""
+    return int(params[0].nbytes + params[1].nbytes)
+
+
 def backend_class(kind: str) -> type[Backend]:
     """The backend class of a TVM target kind ("llvm", "cuda", ...)."""
     try:

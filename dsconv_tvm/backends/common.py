@@ -239,11 +239,7 @@ def block_scaled_sum(layer: DSConvLayer, block_int, xi, bfp_s, attrs=None):
 def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
     """``dsconv_epilogue``: + bias[co], + residual (a tensor of the output's shape, or a function
     ``(n, co, p, q) -> value`` reading another layout), then the activation."""
-    from tvm import te, tirx
-
-    if layer.activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {layer.activation!r}")
-    lower, upper = ACTIVATIONS[layer.activation]
+    from tvm import te
 
     def _epilogue(nn, o, p, q):
         v = out[nn, o, p, q]
@@ -251,13 +247,24 @@ def epilogue(layer: DSConvLayer, out, bias=None, residual=None, attrs=None):
             v = v + bias[o]
         if residual is not None:
             v = v + (residual(nn, o, p, q) if callable(residual) else residual[nn, o, p, q])
-        if lower > -math.inf:              # the activation: a clamp (relu: max(v, 0); relu6: then min(., 6))
-            v = tirx.max(v, tirx.const(lower, "float32"))
-        if upper < math.inf:
-            v = tirx.min(v, tirx.const(upper, "float32"))
-        return v
+        return activated(v, layer.activation)
 
     return te.compute(layer.out_shape, _epilogue, name="dsconv_epilogue", attrs=attrs)
+
+
+def activated(v, activation: str):
+    """``v`` (a float32 TIR expression) with ``activation`` applied: a clamp to its
+    :data:`ACTIVATIONS` bounds (relu: max(v, 0); relu6: then min(., 6))."""
+    from tvm import tirx
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}")
+    lower, upper = ACTIVATIONS[activation]
+    if lower > -math.inf:
+        v = tirx.max(v, tirx.const(lower, "float32"))
+    if upper < math.inf:
+        v = tirx.min(v, tirx.const(upper, "float32"))
+    return v
 
 
 def layer_primfunc(tensors: list, attr: str):

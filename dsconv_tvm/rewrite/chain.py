@@ -26,7 +26,8 @@ class PlannedLayer:
     name: str
     layer: object                 # its DSConvLayer (the fused-BFP fields set by chain_layers)
     data: object                  # the Relax var of its input
-    consts: list                  # its constant arguments (relax constants)
+    consts: list                  # its constant arguments (relax constants): its prologue's, then
+    #                               the layer's own put before them once it is computed
     residual: object = None       # the Relax var of its residual input, if any
     dense: bool = False           # a classifier run as a 1x1 conv on the reshaped input
     report: object = None         # its LayerReport
@@ -96,6 +97,13 @@ def _chain(plan: PlannedLayer, readers: list, fmt, keep_fp32: bool, nhwc: bool =
         reader.report.bfp = ("in", *reader.report.bfp)
 
 
+def write_fp32_nhwc(plan: PlannedLayer) -> None:
+    """The planned layer writes its float output channel-innermost ([N, H, W, C]; reported
+    "fp32-nhwc")."""
+    plan.layer = dataclasses.replace(plan.layer, fp32_nhwc=True)
+    plan.report.bfp = (*plan.report.bfp, "fp32-nhwc")
+
+
 def _chain_residual_streams(plans, uses: dict, consumers: dict, input_format) -> int:
     """Producers whose float output is read, besides their consumers, only as the residual of
     chained producers (a ResNet bottleneck's output: the next bottleneck's first conv and its
@@ -126,8 +134,7 @@ def _residual_pass(plans, uses: dict, consumers: dict, residual_readers: dict, i
                 any(a.layer.bfp_output is None for a in adds):
             continue
         if not readers:              # read only by residual adds (a downsample conv)
-            plan.layer = dataclasses.replace(plan.layer, fp32_nhwc=True)
-            plan.report.bfp = (*plan.report.bfp, "fp32-nhwc")
+            write_fp32_nhwc(plan)
         else:
             fmt = formats.pop()
             if plan.layer.out_channels % fmt.block:

@@ -34,7 +34,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..backends.base import Backend, backend_for
+from ..backends.base import Backend, backend_for, deployed_bytes
 from ..config import DSConvConfig
 from ..errors import DSConvError
 from ..scheme.geometry import ConvGeometry
@@ -157,7 +157,7 @@ class DSConvRewrite:
                 plan.gv = bb.add_func(prim, f"depthwise_conv_nhwc_{_ident(plan.name)}")
                 plan.outputs = [relax.TensorType([int(d) for d in list(prim.params)[-1].shape], "float32")]
                 continue
-            self._as_computed(plan)
+            self._constants(plan)
             prim = self.backend.primfunc(plan.layer)
             plan.gv = bb.add_func(prim, f"dsconv_{_ident(plan.name)}")
             plan.outputs = plan.out_sinfo(prim)
@@ -288,18 +288,17 @@ class DSConvRewrite:
                              activation, fused, None, False, None) for g in range(groups)]
         return end, GroupedConv(data, plans), absorbed, None
 
-    def _as_computed(self, plan: PlannedLayer) -> None:
+    def _constants(self, plan: PlannedLayer) -> None:
         """The planned layer as the backend's kernel computes it, once it is known whether it
         writes fused BFP (:meth:`Backend.computed_layer`: e.g. output channels padded to the
-        vector lanes); its constants made again if that changed it."""
+        vector lanes), and its constant arguments, before those of its prologue."""
         layer = self.backend.computed_layer(plan.layer)
-        if layer is plan.layer:
-            return
         rep = plan.report
         params = self.backend.layer_params(layer, rep.quantized.q, rep.quantized.xi, rep.bias)
-        plan.consts = [relax.const(a) for a in params] + plan.consts[len(params):]
-        plan.layer = rep.layer = layer
-        rep.deployed_bytes = int(params[0].nbytes + params[1].nbytes)
+        plan.consts = [relax.const(a) for a in params] + plan.consts
+        if layer is not plan.layer:
+            plan.layer = rep.layer = layer
+        rep.deployed_bytes = deployed_bytes(params)
 
     def _layer(self, name, data, w, in_shape, bias, geom, bits, unsigned, activation, fused, residual, dense, pro):
         """Quantize one layer's weight ``w`` (OIHW), report it and plan its call (a PlannedLayer);
@@ -317,19 +316,18 @@ class DSConvRewrite:
                             bits, block, cfg.mantissa, unsigned, cfg.scale_dtype,
                             bias is not None, activation, self.backend.act_dtype, residual is not None,
                             prologue=pro.ops if pro else (), prologue_relu=bool(pro and pro.relu))
-        params = self.backend.layer_params(layer, qw.q, qw.xi, bias) + (pro.consts if pro else [])
-        wp, xi = params[:2]
         if pro is not None:               # it reads x; the report lists the prologue first
             data, fused = pro.x, (pro.label, *fused)
         report = LayerReport(
             name, True, "", tuple(w.shape), tuple(in_shape), fp32_bytes=int(w.size * 4),
-            deployed_bytes=int(wp.nbytes + xi.nbytes), sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
+            deployed_bytes=0, sqnr_db=sqnr_db(w, qw.dequantize()), unsigned=unsigned,
             fused=tuple(fused), geom=geom, quantized=qw, bias=bias, activation=activation, layer=layer, bits=bits)
         self.report.layers.append(report)
-        # the PrimFunc and the call are made once every layer is planned (chain_layers may make it
-        # write or read BFP); a dense layer is emitted as reshape to [N, K, 1, 1], the 1x1 DSConv,
-        # reshape back
-        return PlannedLayer(name, layer, data, [relax.const(a) for a in params], residual, dense, report)
+        # the PrimFunc, the layer's constants (and its deployed bytes) and the call are made once
+        # every layer is planned (chain_layers may make it write or read BFP: :meth:`_constants`);
+        # a dense layer is emitted as reshape to [N, K, 1, 1], the 1x1 DSConv, reshape back
+        return PlannedLayer(name, layer, data, [relax.const(a) for a in pro.consts] if pro else [], residual,
+                            dense, report)
 
 
 def _ident(name: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .chain import PlannedLayer
+from .chain import PlannedLayer, write_fp32_nhwc
 
 
 @dataclasses.dataclass
@@ -56,8 +56,7 @@ def chain_depthwise(plans: dict, dropped: set, uses: dict) -> int:
                 producer.layer.bfp_output is None and not producer.layer.fp32_nhwc and consumers and \
                 uses.get(end, 0) == len(consumers) and \
                 not any(c.dense or c.layer.has_prologue or c.layer.bfp_input for c in consumers):
-            producer.layer = dataclasses.replace(producer.layer, fp32_nhwc=True)
-            producer.report.bfp = (*producer.report.bfp, "fp32-nhwc")
+            write_fp32_nhwc(producer)
             for c in consumers:
                 c.layer = dataclasses.replace(c.layer, input_nhwc=True)
                 c.report.bfp = ("in-nhwc", *c.report.bfp)

@@ -32,17 +32,22 @@ def _one_conv_model(path):
     return path
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tune")
+def _tune_one_conv(d, *extra) -> tuple[str, str, str]:
+    """``tune`` of the one-conv model in the folder ``d`` (4 trials); (model, work dir, output)."""
     model = _one_conv_model(str(d / "one.onnx"))
     work = str(d / "db")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
-                       "--block", "8", "--first-layer", "dsconv", "--keep-losing"])
+                       "--block", "8", "--first-layer", "dsconv", *extra])
     assert rc == 0
-    assert "guard     not run (--keep-losing): every record is kept" in out.getvalue()
+    return model, work, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    model, work, out = _tune_one_conv(tmp_path_factory.mktemp("tune"), "--keep-losing")
+    assert "guard     not run (--keep-losing): every record is kept" in out
     return model, work
 
 
@@ -150,15 +155,7 @@ def test_guard_timing_child_is_bounded(tuned):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    d = tmp_path_factory.mktemp("guarded")
-    model = _one_conv_model(str(d / "one.onnx"))
-    work = str(d / "db")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = cli.main(["tune", model, "--work-dir", work, "--trials-per-task", "4", "--trials-per-iter", "2",
-                       "--block", "8", "--first-layer", "dsconv"])
-    assert rc == 0
-    return model, work, out.getvalue()
+    return _tune_one_conv(tmp_path_factory.mktemp("guarded"))
 
 
 def test_tune_guard_keeps_only_records_that_beat_the_default(guarded, tuned, tmp_path):

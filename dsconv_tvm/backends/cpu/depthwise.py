@@ -19,8 +19,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
-from ...scheme.layer import ACTIVATIONS
-from ..common import clamp_index
+from ..common import activated, clamp_index
 from .rules import fp32_lanes
 from .schedule import is_aarch64, largest_divisor
 
@@ -60,17 +59,10 @@ def depthwise_nhwc_te(in_shape, kernel, geom, has_bias: bool, activation: str):
     if has_bias:
         bias = te.placeholder((c,), "float32", name="bias")
         inputs.append(bias)
-    lower, upper = ACTIVATIONS[activation]
 
     def _epilogue(nn, p, q, ch):
         v = conv[nn, p, q, ch]
-        if bias is not None:
-            v = v + bias[ch]
-        if lower > -np.inf:
-            v = tirx.max(v, tirx.const(lower, "float32"))
-        if upper < np.inf:
-            v = tirx.min(v, tirx.const(upper, "float32"))
-        return v
+        return activated(v + bias[ch] if bias is not None else v, activation)
 
     return inputs, te.compute((n, oh, ow, c), _epilogue, name="dw_out")
 
